@@ -1,0 +1,32 @@
+# Two commands for a fresh machine with only Python: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+TORCH  := torch==2.13.0
+
+.PHONY: demo test lint bench clean
+
+# torch first, pinned: an unpinned torch would pull a CUDA build of several GB.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -e '.[dev]'
+	@$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/gradwatch demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check src tests bench
+
+bench: $(VENV)/.installed
+	$(PY) bench/overhead.py
+
+clean:
+	rm -rf $(VENV) gradwatch-runs .pytest_cache

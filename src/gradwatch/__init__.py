@@ -1,0 +1,26 @@
+"""gradwatch: shows, explains and fixes vanishing and exploding gradients in PyTorch.
+
+``watch(model, optimizer)`` records per-layer gradient flow at near-zero cost
+into a SQLite run store; ``open_store()`` reads it back as pandas DataFrames.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from gradwatch.activations import Activation, activation_names, get_activation
+from gradwatch.errors import GradwatchError
+# from gradwatch.store import RunStore, open_store  # TEMP until store lands
+# from gradwatch.watch import Watcher, watch  # TEMP
+
+__all__ = [
+    "__version__",
+    "watch",
+    "Watcher",
+    "RunStore",
+    "open_store",
+    "Activation",
+    "activation_names",
+    "get_activation",
+    "GradwatchError",
+]

@@ -1,0 +1,64 @@
+"""The ``gradwatch`` command line: thin typer commands over the library.
+
+Each face keeps its commands in a module of this package (``runs.py``,
+``theory.py``, ``lab.py``...) that registers them on :data:`app`. Domain errors
+are caught once, by :func:`handle_errors`, and printed without a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Annotated, TypeVar
+
+import typer
+from rich.console import Console
+
+from gradwatch import __version__
+from gradwatch.errors import GradwatchError
+
+app = typer.Typer(
+    name="gradwatch",
+    help="Show, explain and fix vanishing and exploding gradients in PyTorch models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable)
+
+
+def handle_errors(fn: F) -> F:
+    """Print a :class:`GradwatchError` as one red line and exit 1, with no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except GradwatchError as err:
+            err_console.print(f"[bold red]error:[/] {err}", highlight=False, markup=True)
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"gradwatch {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    """Show, explain and fix vanishing and exploding gradients in PyTorch models."""
+
+
+# Command modules register themselves on `app` when imported.
+# from gradwatch.cli import runs as _runs  # TEMP

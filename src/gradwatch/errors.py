@@ -1,0 +1,48 @@
+"""Errors raised by gradwatch.
+
+Every message says what was got, what was expected, and how to fix it. The CLI
+catches :class:`GradwatchError` once and prints it without a traceback.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "GradwatchError",
+    "ConfigError",
+    "WatchError",
+    "StoreError",
+    "RunNotFoundError",
+    "DataError",
+    "TrainingStopped",
+]
+
+
+class GradwatchError(Exception):
+    """Base class of every error gradwatch raises on purpose."""
+
+
+class ConfigError(GradwatchError, ValueError):
+    """A parameter has a value gradwatch cannot use."""
+
+
+class WatchError(GradwatchError):
+    """A model cannot be watched as asked (wrong type, no parameters, already watched)."""
+
+
+class StoreError(GradwatchError):
+    """The run store cannot be opened, read or written."""
+
+
+class RunNotFoundError(StoreError, KeyError):
+    """A run id or name that the store does not hold."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class DataError(GradwatchError, ValueError):
+    """A data set that cannot be used for training (missing arrays, NaN, one class...)."""
+
+
+class TrainingStopped(GradwatchError):
+    """Raised from inside training when an alert rule asks to stop (e.g. first NaN gradient)."""
