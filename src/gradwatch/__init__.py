@@ -10,8 +10,8 @@ __version__ = "0.1.0"
 
 from gradwatch.activations import Activation, activation_names, get_activation
 from gradwatch.errors import GradwatchError
-# from gradwatch.store import RunStore, open_store  # TEMP until store lands
-# from gradwatch.watch import Watcher, watch  # TEMP
+from gradwatch.store import RunStore, open_store
+from gradwatch.watch import Watcher, watch
 
 __all__ = [
     "__version__",

@@ -164,9 +164,7 @@ def _gelu(approximate: str) -> Activation:
 
 
 _SIMPLE: dict[str, Callable[[], Activation]] = {
-    "sigmoid": lambda: Activation(
-        "sigmoid", torch.sigmoid, _d_sigmoid, 0.25, True, nn.Sigmoid
-    ),
+    "sigmoid": lambda: Activation("sigmoid", torch.sigmoid, _d_sigmoid, 0.25, True, nn.Sigmoid),
     "tanh": lambda: Activation("tanh", torch.tanh, _d_tanh, 1.0, True, nn.Tanh),
     "relu": lambda: Activation("relu", torch.relu, _d_relu, 1.0, False, nn.ReLU),
     "softsign": lambda: Activation(
@@ -207,9 +205,7 @@ def get_activation(name: str, **params: float | str) -> Activation:
             return _PARAMETRISED[key](**params)
         except TypeError as err:
             raise ConfigError(f"activation {name!r}: bad parameters {params}: {err}") from err
-    raise ConfigError(
-        f"unknown activation {name!r}; known: {', '.join(activation_names())}"
-    )
+    raise ConfigError(f"unknown activation {name!r}; known: {', '.join(activation_names())}")
 
 
 # Exact module types first; transformers' activation modules are matched by class name.

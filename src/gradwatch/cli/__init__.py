@@ -61,4 +61,4 @@ def main(
 
 
 # Command modules register themselves on `app` when imported.
-# from gradwatch.cli import runs as _runs  # TEMP
+from gradwatch.cli import runs as _runs  # noqa: E402,F401

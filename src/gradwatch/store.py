@@ -1,0 +1,651 @@
+"""RunStore: every watched run in one SQLite file, read back as pandas DataFrames.
+
+Layout (schema version :data:`SCHEMA_VERSION`)::
+
+    meta(key, value)                           schema version
+    runs(id, name, config JSON, status, created_at, updated_at, finished_at, error, pid, host)
+    layers(run_id, layer_id, name, type, kind, activation)        forward order
+    layer_metrics(run_id, step, layer_id, <one column per LAYER_METRICS>, flags)
+    scalars(run_id, step, name, value)         loss, total_grad_norm, lr, user values
+    findings(id, run_id, kind, severity, ...)  filled by gradwatch.diagnose
+
+SQLite runs in WAL mode, so readers never block the writer and a process killed
+mid-run leaves every committed batch readable. Writes go through a bounded queue
+to one background thread per store object, which commits them in batches:
+training never waits on the disk unless the queue is full (back-pressure, not
+unbounded memory). Several processes may write one store at once; each commit
+retries on ``SQLITE_BUSY`` rather than drop rows.
+
+Missing values and non-finite values: a metric a layer did not produce in a step
+is NULL. SQLite cannot hold NaN either, so a NaN is NULL too, with its bit set in
+``flags`` (bit ``i`` for ``LAYER_METRICS[i]``); the DataFrames turn both into NaN
+and expose the bits as the ``nonfinite`` column. +-inf are stored as they are.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import json
+import math
+import os
+import queue
+import socket
+import sqlite3
+import threading
+import time
+import weakref
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from gradwatch.errors import RunNotFoundError, StoreError
+
+__all__ = [
+    "RunStore",
+    "open_store",
+    "default_store_path",
+    "LAYER_METRICS",
+    "SCHEMA_VERSION",
+    "STORE_ENV",
+]
+
+SCHEMA_VERSION = 1
+STORE_ENV = "GRADWATCH_STORE"
+DEFAULT_STORE = Path("gradwatch-runs") / "gradwatch.db"
+
+LAYER_METRICS = (
+    "grad_norm",
+    "weight_norm",
+    "update_ratio",
+    "delta_rms",
+    "output_mean",
+    "output_std",
+    "saturated_frac",
+    "green_frac",
+    "dead_frac",
+    "mean_derivative",
+)
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL,
+    config TEXT NOT NULL DEFAULT '{{}}',
+    status TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    finished_at REAL,
+    error TEXT,
+    pid INTEGER,
+    host TEXT
+);
+CREATE INDEX IF NOT EXISTS runs_name ON runs(name);
+CREATE TABLE IF NOT EXISTS layers (
+    run_id INTEGER NOT NULL,
+    layer_id INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    type TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    activation TEXT,
+    PRIMARY KEY (run_id, layer_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS layer_metrics (
+    run_id INTEGER NOT NULL,
+    step INTEGER NOT NULL,
+    layer_id INTEGER NOT NULL,
+    {", ".join(f"{m} REAL" for m in LAYER_METRICS)},
+    flags INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (run_id, step, layer_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS scalars (
+    run_id INTEGER NOT NULL,
+    step INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    value REAL,
+    PRIMARY KEY (run_id, name, step)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS findings (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    severity TEXT NOT NULL,
+    first_step INTEGER,
+    last_step INTEGER,
+    layers TEXT NOT NULL DEFAULT '[]',
+    evidence TEXT NOT NULL DEFAULT '{{}}',
+    explanation TEXT NOT NULL DEFAULT '',
+    prescriptions TEXT NOT NULL DEFAULT '[]',
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS findings_run ON findings(run_id);
+"""
+
+_BUSY_TIMEOUT_S = 60.0
+_BATCH_ITEMS = 256
+_QUEUE_ITEMS = 1024
+
+
+def default_store_path() -> Path:
+    """``$GRADWATCH_STORE`` if set, else ``./gradwatch-runs/gradwatch.db``."""
+    env = os.environ.get(STORE_ENV)
+    return Path(env) if env else DEFAULT_STORE
+
+
+def _resolve_path(path: str | os.PathLike | None) -> Path:
+    p = Path(path) if path is not None else default_store_path()
+    p = p.expanduser()
+    if p.is_dir():
+        p = p / "gradwatch.db"
+    return p
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+    conn.execute(f"PRAGMA busy_timeout = {int(_BUSY_TIMEOUT_S * 1000)}")
+    return conn
+
+
+def _retry(fn, what: str, deadline_s: float = 600.0):
+    """Run ``fn`` until it passes, retrying while the database is locked by another writer."""
+    start = time.monotonic()
+    delay = 0.01
+    while True:
+        try:
+            return fn()
+        except sqlite3.OperationalError as err:
+            locked = "locked" in str(err) or "busy" in str(err)
+            if not locked or time.monotonic() - start > deadline_s:
+                raise StoreError(f"{what} failed: {err}") from err
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean(value: float | None) -> float | None:
+    """SQLite turns NaN into NULL anyway; do it explicitly."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return float(value)
+
+
+class _Writer:
+    """One background thread committing queued ``(sql, rows)`` items in batches."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._queue: queue.Queue = queue.Queue(maxsize=_QUEUE_ITEMS)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="gradwatch-store-writer", daemon=True)
+        self._thread.start()
+
+    @property
+    def max_items(self) -> int:
+        return self._queue.maxsize
+
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    def put(self, sql: str, rows: list[tuple]) -> None:
+        self._raise_if_failed()
+        if rows:
+            self._queue.put((sql, rows))  # blocks when full: back-pressure
+
+    def flush(self) -> None:
+        self._queue.join()
+        self._raise_if_failed()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise StoreError(f"writing to the store {self._path} failed: {self._error}") from self._error
+
+    def _run(self) -> None:
+        conn = _connect(self._path)
+        try:
+            while True:
+                item = self._queue.get()
+                batch = [item]
+                while item is not None and len(batch) < _BATCH_ITEMS:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    batch.append(item)
+                work = [b for b in batch if b is not None]
+                if work and self._error is None:
+                    try:
+                        _retry(functools.partial(self._commit, conn, work), "a batched write")
+                    except BaseException as err:  # keep the thread alive to drain the queue
+                        self._error = err
+                for _ in batch:
+                    self._queue.task_done()
+                if batch[-1] is None:
+                    return
+        finally:
+            conn.close()
+
+    @staticmethod
+    def _commit(conn: sqlite3.Connection, work: list[tuple[str, list[tuple]]]) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for sql, rows in work:
+                conn.executemany(sql, rows)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+
+class RunStore:
+    """The SQLite run store.
+
+    Args:
+        path: the database file, or a directory to hold ``gradwatch.db``.
+            Default: ``$GRADWATCH_STORE``, else ``./gradwatch-runs/gradwatch.db``.
+        create: create the file (and its directory) if missing. With ``False``
+            a missing store is an error (what readers such as the CLI want).
+
+    Raises:
+        StoreError: the path cannot be created or written, is not a SQLite file,
+            or holds a schema from a newer gradwatch.
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None, *, create: bool = True) -> None:
+        self.path = _resolve_path(path)
+        if not self.path.exists():
+            if not create:
+                raise StoreError(
+                    f"no run store at {self.path}; run a watched training first, or pass the "
+                    f"path of an existing store (--store PATH or ${STORE_ENV})"
+                )
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise StoreError(
+                    f"cannot create the store directory {self.path.parent}: {err.strerror}; "
+                    f"choose a writable place with store=PATH or ${STORE_ENV}"
+                ) from err
+        self._lock = threading.Lock()
+        self._writer: _Writer | None = None
+        self._conn = self._open()
+        _open_stores.add(self)
+
+    def _open(self) -> sqlite3.Connection:
+        try:
+            conn = _connect(self.path)
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            conn.execute("PRAGMA synchronous = NORMAL")
+            if mode.lower() != "wal":  # e.g. a read-only directory cannot hold the -wal file
+                conn.close()
+                raise StoreError(
+                    f"cannot use {self.path} in WAL mode (got journal mode {mode!r}); the "
+                    f"directory must be writable"
+                )
+            _retry(lambda: conn.executescript(_SCHEMA), "creating the store schema")
+            self._check_version(conn)
+        except sqlite3.DatabaseError as err:
+            msg = str(err)
+            if "not a database" in msg or "malformed" in msg or "corrupt" in msg:
+                raise StoreError(
+                    f"{self.path} is not a readable gradwatch store ({msg}); move the file "
+                    f"away or choose another store path"
+                ) from err
+            if "readonly" in msg or "unable to open" in msg or "read-only" in msg:
+                raise StoreError(
+                    f"cannot open {self.path} for writing ({msg}); choose a writable place with "
+                    f"store=PATH or ${STORE_ENV}"
+                ) from err
+            raise StoreError(f"cannot open the store {self.path}: {msg}") from err
+        return conn
+
+    def _check_version(self, conn: sqlite3.Connection) -> None:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if row is None:
+            conn.execute(
+                "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
+                (str(SCHEMA_VERSION),),
+            )
+            return
+        version = int(row[0])
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path} has schema version {version}, newer than this gradwatch's "
+                f"{SCHEMA_VERSION}; upgrade gradwatch to read it"
+            )
+        # Older versions migrate here, one step at a time, when there are any.
+
+    # -- writing ---------------------------------------------------------------
+
+    def _writer_or_start(self) -> _Writer:
+        with self._lock:
+            if self._writer is None:
+                self._writer = _Writer(self.path)
+            return self._writer
+
+    def create_run(self, name: str, config: dict[str, Any] | None = None) -> int:
+        """Insert a run with status ``running`` and return its id."""
+        try:
+            config_json = json.dumps(config or {}, default=str, sort_keys=True)
+        except (TypeError, ValueError) as err:
+            raise StoreError(f"config for run {name!r} cannot be stored as JSON: {err}") from err
+        now = time.time()
+
+        def insert() -> int:
+            with self._lock:
+                cur = self._conn.execute(
+                    "INSERT INTO runs(name, config, status, created_at, updated_at, pid, host) "
+                    "VALUES (?, ?, 'running', ?, ?, ?, ?)",
+                    (name, config_json, now, now, os.getpid(), socket.gethostname()),
+                )
+                return int(cur.lastrowid)
+
+        return _retry(insert, f"creating run {name!r}")
+
+    def add_layers(self, run_id: int, layers: Iterable[tuple[int, str, str, str, str | None]]) -> None:
+        """Queue ``(layer_id, name, type, kind, activation)`` rows for a run."""
+        rows = [(run_id, *layer) for layer in layers]
+        self._writer_or_start().put(
+            "INSERT OR REPLACE INTO layers(run_id, layer_id, name, type, kind, activation) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+
+    def add_layer_metrics(self, run_id: int, rows: Iterable[tuple[int, int, Sequence[float | None]]]) -> None:
+        """Queue ``(step, layer_id, values)`` rows; ``values`` follow :data:`LAYER_METRICS`."""
+        out = []
+        for step, layer_id, values in rows:
+            flags = 0
+            clean = []
+            for i, v in enumerate(values):
+                if v is not None and isinstance(v, float) and math.isnan(v):
+                    flags |= 1 << i
+                clean.append(_clean(v))
+            out.append((run_id, step, layer_id, *clean, flags))
+        cols = ", ".join(LAYER_METRICS)
+        marks = ", ".join("?" * (len(LAYER_METRICS) + 4))
+        self._writer_or_start().put(
+            f"INSERT OR REPLACE INTO layer_metrics(run_id, step, layer_id, {cols}, flags) VALUES ({marks})",
+            out,
+        )
+
+    def add_scalars(self, run_id: int, rows: Iterable[tuple[int, str, float | None]]) -> None:
+        """Queue ``(step, name, value)`` rows (loss, total_grad_norm, lr, user values)."""
+        out = [(run_id, step, name, _clean(value)) for step, name, value in rows]
+        self._writer_or_start().put(
+            "INSERT OR REPLACE INTO scalars(run_id, step, name, value) VALUES (?, ?, ?, ?)", out
+        )
+        self._writer_or_start().put("UPDATE runs SET updated_at = ? WHERE id = ?", [(time.time(), run_id)])
+
+    def finish_run(self, run_id: int, status: str = "finished", error: str | None = None) -> None:
+        """Flush every queued row, then mark the run ``finished`` or ``failed``."""
+        if status not in ("finished", "failed"):
+            raise StoreError(f"run status {status!r}; expected 'finished' or 'failed'")
+        self.flush()
+        now = time.time()
+
+        def update() -> None:
+            with self._lock:
+                self._conn.execute(
+                    "UPDATE runs SET status = ?, finished_at = ?, updated_at = ?, error = ? WHERE id = ?",
+                    (status, now, now, error, run_id),
+                )
+
+        _retry(update, f"finishing run {run_id}")
+
+    def add_findings(self, run_id: int, findings: Iterable[dict[str, Any]], *, replace: bool = True) -> None:
+        """Store findings (dicts with kind, severity, first_step, last_step, layers,
+        evidence, explanation, prescriptions) for a run, replacing earlier ones by default.
+        """
+        run_id = self.resolve(run_id)
+        now = time.time()
+        rows = [
+            (
+                run_id,
+                f["kind"],
+                f["severity"],
+                f.get("first_step"),
+                f.get("last_step"),
+                json.dumps(list(f.get("layers", [])), default=str),
+                json.dumps(f.get("evidence", {}), default=str),
+                f.get("explanation", ""),
+                json.dumps(list(f.get("prescriptions", [])), default=str),
+                now,
+            )
+            for f in findings
+        ]
+
+        def write() -> None:
+            with self._lock:
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    if replace:
+                        self._conn.execute("DELETE FROM findings WHERE run_id = ?", (run_id,))
+                    self._conn.executemany(
+                        "INSERT INTO findings(run_id, kind, severity, first_step, last_step, "
+                        "layers, evidence, explanation, prescriptions, created_at) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        rows,
+                    )
+                    self._conn.execute("COMMIT")
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
+
+        _retry(write, f"storing findings of run {run_id}")
+
+    def flush(self) -> None:
+        """Block until every queued row is committed."""
+        if self._writer is not None:
+            self._writer.flush()
+
+    def pending_writes(self) -> int:
+        """Items waiting in the write queue (bounded by :attr:`max_pending_writes`)."""
+        return self._writer.pending() if self._writer is not None else 0
+
+    @property
+    def max_pending_writes(self) -> int:
+        """The write queue's bound; a full queue makes the writer of new rows wait."""
+        return _QUEUE_ITEMS
+
+    def close(self) -> None:
+        """Commit everything queued and close the store. Idempotent."""
+        with self._lock:
+            writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
+        if self._conn is not None:
+            with self._lock:
+                self._conn.close()
+                self._conn = None  # type: ignore[assignment]
+        _open_stores.discard(self)
+
+    def __enter__(self) -> RunStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- reading ---------------------------------------------------------------
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> pd.DataFrame:
+        if self._conn is None:
+            raise StoreError(f"the store {self.path} is closed; open it again with open_store()")
+        with self._lock:
+            try:
+                return pd.read_sql_query(sql, self._conn, params=list(params))
+            except (sqlite3.DatabaseError, pd.errors.DatabaseError) as err:
+                raise StoreError(f"reading {self.path} failed: {err}") from err
+
+    def resolve(self, run: int | str) -> int:
+        """The id of a run given its id or name (the latest run of that name)."""
+        if isinstance(run, bool):
+            raise RunNotFoundError(f"run {run!r} is not a run id or name")
+        key: int | str = run
+        if isinstance(run, str) and run.strip().isdigit():
+            key = int(run)
+        if isinstance(key, int):
+            df = self._query("SELECT id FROM runs WHERE id = ?", (key,))
+        else:
+            df = self._query("SELECT id FROM runs WHERE name = ? ORDER BY id DESC LIMIT 1", (key,))
+        if df.empty:
+            known = self._query("SELECT id, name FROM runs ORDER BY id DESC LIMIT 8")
+            listing = ", ".join(f"{r.id} ({r.name})" for r in known.itertuples()) or "none"
+            raise RunNotFoundError(
+                f"no run {run!r} in {self.path}; latest runs: {listing} (see `gradwatch runs`)"
+            )
+        return int(df.iloc[0, 0])
+
+    def runs(self) -> pd.DataFrame:
+        """One row per run: id, name, status, created_at, finished_at, steps, config (dict).
+
+        A run still marked ``running`` whose process is gone from this host shows as
+        ``interrupted`` (killed, crashed, or never detached).
+        """
+        df = self._query(
+            "SELECT r.id, r.name, r.status, r.created_at, r.updated_at, r.finished_at, r.error, "
+            "r.pid, r.host, r.config, "
+            "(SELECT MAX(step) FROM scalars s WHERE s.run_id = r.id) AS last_step "
+            "FROM runs r ORDER BY r.id"
+        )
+        host = socket.gethostname()
+        df["status"] = [
+            "interrupted" if st == "running" and h == host and not _pid_alive(pid) else st
+            for st, h, pid in zip(df["status"], df["host"], df["pid"], strict=True)
+        ]
+        df["config"] = [json.loads(c) for c in df["config"]]
+        return df
+
+    def run(self, run: int | str) -> dict[str, Any]:
+        """One run's row of :meth:`runs` as a dict."""
+        run_id = self.resolve(run)
+        df = self.runs()
+        return df[df["id"] == run_id].iloc[0].to_dict()
+
+    def layers(self, run: int | str) -> pd.DataFrame:
+        """The run's layers in forward order: layer_id, layer, type, kind, activation."""
+        run_id = self.resolve(run)
+        return self._query(
+            "SELECT layer_id, name AS layer, type, kind, activation FROM layers "
+            "WHERE run_id = ? ORDER BY layer_id",
+            (run_id,),
+        )
+
+    def metrics(
+        self,
+        run: int | str,
+        *,
+        layers: Sequence[str] | None = None,
+        metrics: Sequence[str] | None = None,
+        steps: tuple[int, int] | None = None,
+    ) -> pd.DataFrame:
+        """Per-layer metrics, one row per (step, layer), columns per metric.
+
+        Columns: ``step, layer_id, layer, type, kind`` then the metrics (all of
+        :data:`LAYER_METRICS` unless ``metrics`` picks some) and ``nonfinite``
+        (True where a value was NaN). ``layer_id`` is the forward-order index.
+
+        Args:
+            run: run id or name.
+            layers: only these layer names.
+            metrics: only these metric columns.
+            steps: ``(first, last)`` inclusive step range.
+        """
+        run_id = self.resolve(run)
+        chosen = list(LAYER_METRICS if metrics is None else metrics)
+        unknown = [m for m in chosen if m not in LAYER_METRICS]
+        if unknown:
+            raise StoreError(f"unknown metric(s) {unknown}; known: {', '.join(LAYER_METRICS)}")
+        sql = (
+            "SELECT m.step, m.layer_id, l.name AS layer, l.type, l.kind, "
+            + ", ".join(f"m.{c}" for c in chosen)
+            + ", m.flags FROM layer_metrics m JOIN layers l "
+            "ON l.run_id = m.run_id AND l.layer_id = m.layer_id WHERE m.run_id = ?"
+        )
+        params: list[Any] = [run_id]
+        if steps is not None:
+            sql += " AND m.step BETWEEN ? AND ?"
+            params += [int(steps[0]), int(steps[1])]
+        if layers is not None:
+            known = set(self.layers(run_id)["layer"])
+            missing = [name for name in layers if name not in known]
+            if missing:
+                raise StoreError(f"layer(s) {missing} not in run {run_id}; known: {', '.join(sorted(known))}")
+            sql += f" AND l.name IN ({', '.join('?' * len(layers))})"
+            params += list(layers)
+        sql += " ORDER BY m.step, m.layer_id"
+        df = self._query(sql, params)
+        for c in chosen:
+            df[c] = df[c].astype("float64")
+        df["nonfinite"] = df.pop("flags").astype("int64") != 0
+        return df
+
+    def scalars(self, run: int | str, names: Sequence[str] | None = None) -> pd.DataFrame:
+        """Global values per step, wide: ``step`` then one column per name (loss, lr, ...)."""
+        run_id = self.resolve(run)
+        sql = "SELECT step, name, value FROM scalars WHERE run_id = ?"
+        params: list[Any] = [run_id]
+        if names is not None:
+            sql += f" AND name IN ({', '.join('?' * len(names))})"
+            params += list(names)
+        df = self._query(sql, params)
+        if df.empty:
+            return pd.DataFrame({"step": pd.Series(dtype="int64")})
+        wide = df.pivot(index="step", columns="name", values="value").reset_index()
+        wide.columns.name = None
+        return wide.astype({c: "float64" for c in wide.columns if c != "step"})
+
+    def findings(self, run: int | str) -> pd.DataFrame:
+        """Stored findings of a run (empty if none), JSON columns decoded."""
+        run_id = self.resolve(run)
+        df = self._query(
+            "SELECT kind, severity, first_step, last_step, layers, evidence, explanation, "
+            "prescriptions, created_at FROM findings WHERE run_id = ? ORDER BY id",
+            (run_id,),
+        )
+        for col in ("layers", "evidence", "prescriptions"):
+            df[col] = [json.loads(v) for v in df[col]]
+        return df
+
+    def __repr__(self) -> str:
+        return f"RunStore({str(self.path)!r})"
+
+
+def open_store(path: str | os.PathLike | None = None, *, create: bool = False) -> RunStore:
+    """Open an existing store for reading (``create=True`` to make one).
+
+    ``path`` defaults to ``$GRADWATCH_STORE``, else ``./gradwatch-runs/gradwatch.db``.
+    """
+    return RunStore(path, create=create)
+
+
+# Commit what is queued when the interpreter exits normally.
+_open_stores: weakref.WeakSet[RunStore] = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_open_stores() -> None:
+    for store in list(_open_stores):
+        try:
+            store.flush()
+        except Exception:  # noqa: BLE001 - nothing useful to do at exit
+            pass

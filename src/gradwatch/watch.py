@@ -1,0 +1,663 @@
+"""The Watcher: records per-layer gradient flow of a PyTorch model into a run store.
+
+How it hooks the model (and why):
+
+* One forward pre-hook and one forward hook on the **root** module, always. A
+  training-mode forward with grad enabled marks step boundaries and, on logged
+  steps only, *arms* per-layer hooks for the duration of that forward. On
+  unlogged steps no per-layer hook exists at all, so the model runs its fast
+  path and the watcher costs two Python calls per forward.
+* On logged steps, a forward hook on each parameterised module records the
+  output's mean/std and registers a **tensor hook on the output**, which
+  receives ``dL/d(output)`` during backward: its squared norm gives
+  ``delta_rms``. Full backward hooks are not used, since they raise on in-place
+  ops after the module (``nn.ReLU(inplace=True)`` in ResNet blocks); a tensor
+  hook registered before an in-place op still receives the gradient of the
+  value the module produced.
+* A forward *pre*-hook on each known activation module measures its inputs
+  (saturated, green, dead fractions, mean phi'): the pre-hook sees the input
+  before an in-place activation overwrites it.
+* Optimizer step pre/post hooks (when an optimizer is given) take weight-gradient
+  norms once per optimizer step on the accumulated (and, with a GradScaler,
+  unscaled) gradient, and the update ratio ``||w_after - w_before|| / ||w_before||``.
+  Without an optimizer, every training forward starts a step and gradient norms
+  are taken at the end of its backward.
+
+Everything is computed on the tensors' device; a logged step's statistics are
+concatenated and moved to the host once, when the step closes (at the next
+training forward, or on :meth:`Watcher.flush` / :meth:`Watcher.detach`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+import weakref
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from gradwatch.activations import Activation, activation_for_module
+from gradwatch.errors import ConfigError, WatchError
+from gradwatch.stats import activation_region_stats, output_moments, squared_norm
+from gradwatch.store import LAYER_METRICS, RunStore
+
+__all__ = ["watch", "Watcher", "DEFAULT_EVERY"]
+
+DEFAULT_EVERY = 10
+_METRIC_INDEX = {name: i for i, name in enumerate(LAYER_METRICS)}
+_CONV_TYPES = (nn.modules.conv._ConvNd,)
+
+# model -> its watcher; weak on both sides so neither keeps the other alive.
+_WATCHED: weakref.WeakKeyDictionary[nn.Module, weakref.ref[Watcher]] = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class _Layer:
+    """One watched module: a parameterised layer or a known activation."""
+
+    name: str
+    module: nn.Module
+    kind: str  # "param" | "activation"
+    activation: Activation | None = None
+    params: list[int] = field(default_factory=list)  # indices into Watcher._params
+    layer_id: int | None = None  # forward order, assigned when first seen
+
+
+@dataclass
+class _Step:
+    """Everything recorded during one step, on device until the step closes."""
+
+    step: int
+    logged: bool
+    delta_sq: dict[int, list[Tensor]] = field(default_factory=lambda: defaultdict(list))
+    delta_count: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    moments: dict[int, list[tuple[Tensor, int]]] = field(default_factory=lambda: defaultdict(list))
+    act_stats: dict[int, list[tuple[Tensor, int]]] = field(default_factory=lambda: defaultdict(list))
+    grad_norms: Tensor | None = None  # per watched parameter
+    weight_norms: Tensor | None = None
+    update_norms: Tensor | None = None
+    snapshot: list[Tensor] | None = None
+    grad_present: list[int] = field(default_factory=list)  # params that had a .grad
+    lr: float | Tensor | None = None
+    values: dict[str, list[float | Tensor]] = field(default_factory=lambda: defaultdict(list))
+    backward_queued: bool = False
+
+
+def _first_grad_tensor(output: Any) -> Tensor | None:
+    if isinstance(output, Tensor):
+        return output if output.is_floating_point() else None
+    if isinstance(output, (tuple, list)):
+        for item in output:
+            if isinstance(item, Tensor) and item.is_floating_point():
+                return item
+    return None
+
+
+def _validate_every(every: int | Callable[[int], bool]) -> Callable[[int], bool]:
+    if callable(every):
+        return every
+    if isinstance(every, bool) or not isinstance(every, int):
+        raise ConfigError(
+            f"every={every!r}; expected a positive int (log every N-th step) or a callable step -> bool"
+        )
+    if every < 1:
+        raise ConfigError(
+            f"every={every}; expected a positive int: every=1 logs each step, every=10 each tenth"
+        )
+    return lambda step: step % every == 0
+
+
+class Watcher:
+    """Records gradient flow of one model into one run. Create it with :func:`watch`.
+
+    Use it as a context manager, or call :meth:`detach` when done::
+
+        with gradwatch.watch(model, optimizer, every=10) as watcher:
+            for x, y in loader:
+                optimizer.zero_grad()
+                loss = loss_fn(model(x), y)
+                loss.backward()
+                optimizer.step()
+                watcher.log(loss=loss)
+
+    Attributes:
+        run_id: id of the run in :attr:`store`.
+        store: the :class:`~gradwatch.store.RunStore` receiving the rows.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        *,
+        every: int | Callable[[int], bool],
+        store: RunStore,
+        owns_store: bool,
+        run_name: str,
+        config: dict[str, Any],
+        activation_stats: bool,
+        warn: bool,
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.store = store
+        self._owns_store = owns_store
+        self._should_log = _validate_every(every)
+        self._activation_stats = activation_stats
+        self._warn = warn
+        self._params: list[Tensor] = [p for p in model.parameters() if p.requires_grad]
+        self._layers = self._discover_layers(model)
+        self._next_layer_id = 0
+        self._record: _Step | None = None
+        self._steps_started = 0
+        self._optimizer_steps = 0
+        self._stepped = False
+        self._last_param_was_conv = False
+        self._handles: list[RemovableHandle] = []
+        self._armed: list[RemovableHandle] = []
+        self._warned_nonfinite = False
+        self._attached = True
+        self.run_id = store.create_run(run_name, config)
+        self.run_name = run_name
+
+        self._handles.append(model.register_forward_pre_hook(self._on_root_pre_forward))
+        self._handles.append(model.register_forward_hook(self._on_root_forward, always_call=True))
+        if optimizer is not None:
+            self._handles.append(optimizer.register_step_pre_hook(self._on_optimizer_pre_step))
+            self._handles.append(optimizer.register_step_post_hook(self._on_optimizer_post_step))
+        _WATCHED[model] = weakref.ref(self)
+
+    # -- discovery -------------------------------------------------------------
+
+    def _discover_layers(self, model: nn.Module) -> list[_Layer]:
+        index = {id(p): i for i, p in enumerate(self._params)}
+        layers = []
+        for name, module in model.named_modules():
+            name = name or type(module).__name__.lower()
+            trainable = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            if trainable:
+                weight = getattr(module, "weight", None)
+                chosen = [weight] if isinstance(weight, nn.Parameter) and weight.requires_grad else trainable
+                layers.append(_Layer(name, module, "param", params=[index[id(p)] for p in chosen]))
+            elif self._activation_stats:
+                activation = activation_for_module(module)
+                if activation is not None:
+                    layers.append(_Layer(name, module, "activation", activation=activation))
+        return layers
+
+    def _layer_id(self, layer: _Layer) -> int:
+        if layer.layer_id is None:
+            layer.layer_id = self._next_layer_id
+            self._next_layer_id += 1
+            self.store.add_layers(
+                self.run_id,
+                [
+                    (
+                        layer.layer_id,
+                        layer.name,
+                        type(layer.module).__name__,
+                        layer.kind,
+                        layer.activation.name if layer.activation else None,
+                    )
+                ],
+            )
+        return layer.layer_id
+
+    # -- step boundaries -------------------------------------------------------
+
+    @property
+    def step(self) -> int:
+        """The current step: optimizer steps taken (with an optimizer), else training forwards."""
+        if self.optimizer is not None:
+            return self._optimizer_steps
+        return max(self._steps_started - 1, 0)
+
+    def _open_step(self) -> _Step:
+        if self.optimizer is not None:
+            step = self._optimizer_steps
+        else:
+            step = self._steps_started
+        self._steps_started += 1
+        self._stepped = False
+        self._record = _Step(step=step, logged=bool(self._should_log(step)))
+        return self._record
+
+    def _current(self) -> _Step:
+        return self._record if self._record is not None else self._open_step()
+
+    def _on_root_pre_forward(self, module: nn.Module, args: Any) -> None:
+        if not (torch.is_grad_enabled() and module.training):
+            return  # evaluation: record nothing, change no step
+        if self._record is None or self._stepped or self.optimizer is None:
+            self._close_step()
+            self._open_step()
+        if self._record.logged and not self._armed:
+            self._arm()
+
+    def _on_root_forward(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._disarm()
+
+    def _arm(self) -> None:
+        for layer in self._layers:
+            if layer.kind == "param":
+                hook = self._make_param_hook(layer)
+                self._armed.append(layer.module.register_forward_hook(hook))
+            else:
+                hook = self._make_activation_hook(layer)
+                self._armed.append(layer.module.register_forward_pre_hook(hook))
+
+    def _disarm(self) -> None:
+        for handle in self._armed:
+            handle.remove()
+        self._armed.clear()
+
+    # -- hooks on logged steps --------------------------------------------------
+
+    def _make_param_hook(self, layer: _Layer) -> Callable:
+        def on_forward(module: nn.Module, args: Any, output: Any) -> None:
+            record = self._record
+            out = _first_grad_tensor(output)
+            self._last_param_was_conv = isinstance(module, _CONV_TYPES)
+            if record is None or out is None or not torch.is_grad_enabled():
+                return
+            lid = self._layer_id(layer)
+            with torch.no_grad():
+                record.moments[lid].append((output_moments(out), out.numel()))
+            if out.requires_grad:
+                out.register_hook(self._make_delta_hook(record, lid))
+
+        return on_forward
+
+    def _make_delta_hook(self, record: _Step, lid: int) -> Callable[[Tensor], None]:
+        def on_grad(grad: Tensor) -> None:
+            with torch.no_grad():
+                record.delta_sq[lid].append(squared_norm(grad))
+            record.delta_count[lid] += grad.numel()
+            if self.optimizer is None and not record.backward_queued:
+                record.backward_queued = True
+                torch.autograd.Variable._execution_engine.queue_callback(
+                    lambda: self._take_grad_stats(record)
+                )
+
+        return on_grad
+
+    def _make_activation_hook(self, layer: _Layer) -> Callable:
+        activation = layer.activation
+        assert activation is not None
+
+        def on_pre_forward(module: nn.Module, args: Any) -> None:
+            record = self._record
+            if record is None or not args or not isinstance(args[0], Tensor):
+                return
+            x = args[0]
+            if not x.is_floating_point():
+                return
+            channels_first = x.ndim >= 4 or (x.ndim == 3 and self._last_param_was_conv)
+            lid = self._layer_id(layer)
+            with torch.no_grad():
+                stats = activation_region_stats(x, activation, channels_first=channels_first)
+            record.act_stats[lid].append((stats, x.numel()))
+
+        return on_pre_forward
+
+    def _take_grad_stats(self, record: _Step) -> None:
+        """Per-parameter grad and weight norms of the (accumulated) gradient, on device."""
+        with torch.no_grad():
+            grads = [p.grad for p in self._params]
+            present = [i for i, g in enumerate(grads) if g is not None]
+            if not present:
+                return
+            dense = [grads[i] if not grads[i].is_sparse else grads[i].coalesce()._values() for i in present]
+            norms = torch._foreach_norm(dense)
+            full = torch.full((len(self._params),), float("nan"), device=norms[0].device)
+            full[present] = torch.stack([n.float().to(full.device) for n in norms])
+            record.grad_norms = full
+            record.grad_present = present
+            weights = [p.detach() for p in self._params]
+            record.weight_norms = torch.stack(
+                [n.float().to(full.device) for n in torch._foreach_norm(weights)]
+            )
+
+    def _on_optimizer_pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        record = self._current()
+        if not record.logged:
+            return
+        self._take_grad_stats(record)
+        record.lr = optimizer.param_groups[0].get("lr")
+        with torch.no_grad():
+            record.snapshot = torch._foreach_mul([p.detach() for p in self._params], 1.0)
+
+    def _on_optimizer_post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        record = self._record
+        if record is not None and record.logged and record.snapshot is not None:
+            with torch.no_grad():
+                diffs = torch._foreach_sub([p.detach() for p in self._params], record.snapshot)
+                record.update_norms = torch.stack([n.float() for n in torch._foreach_norm(diffs)])
+            record.snapshot = None
+        self._optimizer_steps += 1
+        self._stepped = True
+
+    # -- closing a step: one transfer, rows to the store -------------------------
+
+    def _close_step(self) -> None:
+        record, self._record = self._record, None
+        if record is None:
+            return
+        if not record.logged and not record.values:
+            return
+        now = time.time()
+        tensors: list[Tensor] = []
+        size = 0
+
+        def take(t: Tensor) -> slice:
+            nonlocal size
+            tensors.append(t.detach().reshape(-1).float())
+            size += t.numel()
+            return slice(size - t.numel(), size)
+
+        delta_at = {
+            lid: (take(torch.stack(v).sum()), record.delta_count[lid]) for lid, v in record.delta_sq.items()
+        }
+        moment_at = {lid: [(take(t), n) for t, n in v] for lid, v in record.moments.items()}
+        act_at = {lid: [(take(t), n) for t, n in v] for lid, v in record.act_stats.items()}
+        grad_at = take(record.grad_norms) if record.grad_norms is not None else None
+        weight_at = take(record.weight_norms) if record.weight_norms is not None else None
+        update_at = take(record.update_norms) if record.update_norms is not None else None
+        value_at: dict[str, list[slice | float]] = {}
+        for name, vals in record.values.items():
+            value_at[name] = [take(v) if isinstance(v, Tensor) else v for v in vals]
+        lr_at = take(record.lr) if isinstance(record.lr, Tensor) else record.lr
+
+        host = self._to_host(tensors)
+
+        def get(s: slice | float | None) -> float | None:
+            if s is None or isinstance(s, (int, float)):
+                return s
+            return host[s.start]
+
+        scalars: list[tuple[int, str, float | None]] = []
+        for name, vals in value_at.items():
+            nums = [get(v) for v in vals]
+            scalars.append((record.step, name, sum(nums) / len(nums)))
+        if not record.logged:
+            self.store.add_scalars(self.run_id, scalars)
+            return
+
+        rows: dict[int, list[float | None]] = {}
+
+        def put(lid: int, metric: str, value: float | None) -> None:
+            rows.setdefault(lid, [None] * len(LAYER_METRICS))[_METRIC_INDEX[metric]] = value
+
+        for lid, (s, count) in delta_at.items():
+            put(lid, "delta_rms", math.sqrt(get(s) / count) if count else None)
+        for lid, calls in moment_at.items():
+            mean, std = _combine_moments([(host[s.start], host[s.start + 1], n) for s, n in calls])
+            put(lid, "output_mean", mean)
+            put(lid, "output_std", std)
+        for lid, calls in act_at.items():
+            total = sum(n for _, n in calls)
+            for k, metric in enumerate(("saturated_frac", "green_frac", "dead_frac", "mean_derivative")):
+                put(lid, metric, sum(host[s.start + k] * n for s, n in calls) / total)
+
+        nonfinite = 0
+        if grad_at is not None:
+            grad = host[grad_at]
+            weight = host[weight_at] if weight_at is not None else None
+            update = host[update_at] if update_at is not None else None
+            present = set(record.grad_present)
+            nonfinite = sum(1 for i in present if not math.isfinite(grad[i]))
+            total = _combine_norms(grad[i] for i in present)
+            scalars.append((record.step, "total_grad_norm", total))
+            scalars.append((record.step, "nonfinite_grads", float(nonfinite)))
+            for layer in self._layers:
+                if layer.kind != "param" or not any(i in present for i in layer.params):
+                    continue
+                lid = self._layer_id(layer)
+                put(lid, "grad_norm", _combine_norms(grad[i] for i in layer.params if i in present))
+                if weight is not None:
+                    w = _combine_norms(weight[i] for i in layer.params)
+                    put(lid, "weight_norm", w)
+                    if update is not None:
+                        u = _combine_norms(update[i] for i in layer.params)
+                        put(lid, "update_ratio", u / w if w else math.inf)
+        if lr_at is not None:
+            scalars.append((record.step, "lr", get(lr_at)))
+        scalars.append((record.step, "wall_time", now))
+
+        self.store.add_layer_metrics(self.run_id, ((record.step, lid, vals) for lid, vals in rows.items()))
+        self.store.add_scalars(self.run_id, scalars)
+        if nonfinite and self._warn and not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            warnings.warn(
+                f"gradwatch: non-finite gradients in {nonfinite} parameter(s) at step "
+                f"{record.step} of run {self.run_id}; see `gradwatch show {self.run_id}`",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    @staticmethod
+    def _to_host(tensors: list[Tensor]) -> list[float]:
+        """One device-to-host transfer per device (normally exactly one)."""
+        if not tensors:
+            return []
+        by_device: dict[torch.device, list[int]] = defaultdict(list)
+        for i, t in enumerate(tensors):
+            by_device[t.device].append(i)
+        if len(by_device) == 1:
+            return torch.cat(tensors).cpu().tolist()
+        parts: list[list[float]] = [[] for _ in tensors]
+        for idx in by_device.values():
+            flat = torch.cat([tensors[i] for i in idx]).cpu().tolist()
+            pos = 0
+            for i in idx:
+                n = tensors[i].numel()
+                parts[i] = flat[pos : pos + n]
+                pos += n
+        return [v for part in parts for v in part]
+
+    # -- public API --------------------------------------------------------------
+
+    def log(self, **values: float | Tensor) -> None:
+        """Record scalars for the current step, e.g. ``watcher.log(loss=loss, epoch=3)``.
+
+        Values are kept whatever the logging cadence. Tensors stay on their device
+        (no sync) until the step is written; several values of one name within a
+        step (micro-batches) are averaged.
+        """
+        if not self._attached:
+            raise WatchError("this watcher is detached; create a new one with gradwatch.watch()")
+        record = self._current()
+        for name, value in values.items():
+            if isinstance(value, Tensor):
+                if value.numel() != 1:
+                    raise ConfigError(
+                        f"log({name}=...) got a tensor of shape {tuple(value.shape)}; expected one "
+                        f"number, e.g. loss.detach() or tensor.mean()"
+                    )
+                value = value.detach()
+            elif isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(
+                    f"log({name}=...) got {type(value).__name__}; expected a number or a one-element tensor"
+                )
+            else:
+                value = float(value)
+            record.values[name].append(value)
+
+    def flush(self) -> None:
+        """Write the open step and block until the store has committed every row."""
+        self._close_step()
+        self.store.flush()
+
+    def detach(self, *, error: BaseException | None = None) -> None:
+        """Remove every hook, write what was recorded and mark the run finished.
+
+        Idempotent. Afterwards the model's hook dictionaries are exactly as before
+        :func:`watch`. With ``error`` (an exception on its way out) the open,
+        possibly half-recorded step is dropped and the run is marked failed.
+        """
+        if not self._attached:
+            return
+        self._attached = False
+        self._disarm()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if _WATCHED.get(self.model) is not None and _WATCHED[self.model]() is self:
+            del _WATCHED[self.model]
+        if error is None:
+            self._close_step()
+        else:
+            self._record = None
+        status = "finished" if error is None else "failed"
+        message = None if error is None else f"{type(error).__name__}: {error}"
+        self.store.finish_run(self.run_id, status, message)
+        if self._owns_store:
+            self.store.close()
+
+    @property
+    def attached(self) -> bool:
+        """True until :meth:`detach`."""
+        return self._attached
+
+    def metrics(self, **kwargs: Any):
+        """Per-layer metrics of this run as a DataFrame (see :meth:`RunStore.metrics`)."""
+        self.flush() if self._attached else None
+        return self.store.metrics(self.run_id, **kwargs)
+
+    def scalars(self, **kwargs: Any):
+        """Global values of this run per step as a DataFrame (see :meth:`RunStore.scalars`)."""
+        self.flush() if self._attached else None
+        return self.store.scalars(self.run_id, **kwargs)
+
+    def __enter__(self) -> Watcher:
+        return self
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> None:
+        self.detach(error=exc)
+
+    def __repr__(self) -> str:
+        state = "attached" if self._attached else "detached"
+        return f"<Watcher run {self.run_id} {self.run_name!r}, {len(self._layers)} layers, {state}>"
+
+
+def _combine_norms(norms: Iterable[float]) -> float | None:
+    values = list(norms)
+    if not values:
+        return None
+    return math.sqrt(sum(v * v for v in values))
+
+
+def _combine_moments(calls: list[tuple[float, float, int]]) -> tuple[float, float]:
+    """Pooled mean and std of several calls' (mean, std, n) (a module called twice)."""
+    if len(calls) == 1:
+        return calls[0][0], calls[0][1]
+    total = sum(n for _, _, n in calls)
+    mean = sum(m * n for m, _, n in calls) / total
+    var = sum(n * (s * s + (m - mean) ** 2) for m, s, n in calls) / total
+    return mean, math.sqrt(max(var, 0.0))
+
+
+def watch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    every: int | Callable[[int], bool] = DEFAULT_EVERY,
+    store: RunStore | str | None = None,
+    run_name: str | None = None,
+    config: dict[str, Any] | None = None,
+    activation_stats: bool = True,
+    warn: bool = True,
+) -> Watcher:
+    """Watch a model's gradient flow; returns a :class:`Watcher` (also a context manager).
+
+    Recorded per logged step (DESIGN.md "What is measured"): for each module with
+    trainable parameters, ``grad_norm`` and ``weight_norm`` of its weight,
+    ``update_ratio = ||w_after - w_before|| / ||w_before||`` (with an optimizer),
+    ``delta_rms = sqrt(mean((dL/d output)^2))`` (the back-propagated error, which
+    vanishes even when weight gradients stay level: Glorot & Bengio 2010), and
+    the output's mean and std; for each known activation the saturated, green
+    and dead fractions and the mean derivative at its inputs; globally
+    ``total_grad_norm`` (equal to ``torch.nn.utils.get_total_norm``), ``lr``,
+    ``nonfinite_grads``, ``wall_time``, and whatever :meth:`Watcher.log` is given.
+
+    Args:
+        model: the module to watch. Its forward must be called for steps to be seen.
+        optimizer: recommended. Steps are then optimizer steps (gradient
+            accumulation works) and update ratios are recorded, through the
+            optimizer's step hooks: no manual call needed.
+        every: log every N-th step (``step % every == 0``), or a callable
+            ``step -> bool``. Default: 10. Unlogged steps do no tensor work.
+        store: a :class:`RunStore` or a path. Default: ``$GRADWATCH_STORE``,
+            else ``./gradwatch-runs/gradwatch.db``.
+        run_name: name of the run. Default: the model's class name and the time.
+        config: JSON-able dict stored with the run (hyper-parameters).
+        activation_stats: measure activation modules (saturation, green, dead).
+        warn: emit a warning the first time gradients go non-finite.
+
+    Raises:
+        WatchError: ``model`` is not a module, has no trainable parameters, or is
+            already watched.
+        ConfigError: ``every`` is not a positive int or callable, or ``optimizer``
+            is not a torch optimizer.
+    """
+    if not isinstance(model, nn.Module):
+        raise WatchError(
+            f"watch() needs a torch.nn.Module; got {type(model).__name__}. Pass the model "
+            f"itself, e.g. gradwatch.watch(model, optimizer)"
+        )
+    if not any(p.requires_grad for p in model.parameters()):
+        what = "no parameters" if not list(model.parameters()) else "no parameter that requires grad"
+        raise WatchError(
+            f"{type(model).__name__} has {what}, so it has no gradients to watch; watch the "
+            f"model you train (unfreeze some parameters with p.requires_grad_(True))"
+        )
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigError(
+            f"optimizer must be a torch.optim.Optimizer; got {type(optimizer).__name__}. Pass "
+            f"it as the second argument, or leave it out"
+        )
+    _validate_every(every)
+    previous = _WATCHED.get(model)
+    if previous is not None and previous() is not None and previous().attached:
+        raise WatchError(
+            f"this {type(model).__name__} is already watched by run {previous().run_id}; call "
+            f"detach() on that watcher first (or use it as a context manager)"
+        )
+    if isinstance(store, RunStore):
+        run_store, owns = store, False
+    else:
+        run_store, owns = RunStore(store), True
+    name = run_name or f"{type(model).__name__}-{time.strftime('%Y%m%d-%H%M%S')}"
+    full_config = dict(config or {})
+    full_config.setdefault(
+        "gradwatch",
+        {
+            "every": every if isinstance(every, int) else getattr(every, "__name__", "callable"),
+            "model": type(model).__name__,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "optimizer": type(optimizer).__name__ if optimizer is not None else None,
+        },
+    )
+    try:
+        return Watcher(
+            model,
+            optimizer,
+            every=every,
+            store=run_store,
+            owns_store=owns,
+            run_name=name,
+            config=full_config,
+            activation_stats=activation_stats,
+            warn=warn,
+        )
+    except BaseException:
+        if owns:
+            run_store.close()
+        raise
