@@ -13,6 +13,7 @@ from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from gradwatch import __version__
 from gradwatch.errors import GradwatchError
@@ -38,7 +39,7 @@ def handle_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except GradwatchError as err:
-            err_console.print(f"[bold red]error:[/] {err}", highlight=False, markup=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
@@ -62,3 +63,4 @@ def main(
 
 # Command modules register themselves on `app` when imported.
 from gradwatch.cli import runs as _runs  # noqa: E402,F401
+from gradwatch.cli import report as _report  # noqa: E402,F401

@@ -1,0 +1,182 @@
+import math
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from gradwatch import RunStore, open_store
+from gradwatch.errors import RunNotFoundError, StoreError
+from gradwatch.store import LAYER_METRICS, SCHEMA_VERSION, STORE_ENV
+
+
+def test_wal_mode_and_schema_version(store_path):
+    with RunStore(store_path):
+        pass
+    conn = sqlite3.connect(store_path)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
+    conn.close()
+
+
+def test_default_path_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv(STORE_ENV, str(tmp_path / "env.db"))
+    with RunStore() as s:
+        assert s.path == tmp_path / "env.db"
+    monkeypatch.delenv(STORE_ENV)
+    monkeypatch.chdir(tmp_path)
+    with RunStore() as s:
+        assert s.path.resolve() == (tmp_path / "gradwatch-runs" / "gradwatch.db").resolve()
+    with RunStore(tmp_path / "gradwatch-runs") as s:  # a directory means the file inside
+        assert s.path.name == "gradwatch.db"
+
+
+def test_roundtrip_metrics_scalars_nan_inf(store):
+    run = store.create_run("r", {"lr": 0.1})
+    store.add_layers(run, [(0, "fc1", "Linear", "param", None), (1, "act", "Tanh", "activation", "tanh")])
+    values = [float(i) for i in range(len(LAYER_METRICS))]
+    values[0] = math.nan
+    values[1] = math.inf
+    store.add_layer_metrics(run, [(0, 0, values), (0, 1, [None] * len(LAYER_METRICS))])
+    store.add_scalars(run, [(0, "loss", 1.5), (1, "loss", math.nan), (1, "lr", 0.1)])
+    store.flush()
+    m = store.metrics(run)
+    assert list(m.layer) == ["fc1", "act"]
+    assert math.isnan(m.grad_norm[0]) and m.nonfinite[0]
+    assert m.weight_norm[0] == math.inf
+    assert m.delta_rms[0] == LAYER_METRICS.index("delta_rms")
+    assert not m.nonfinite[1] and m[list(LAYER_METRICS)].iloc[1].isna().all()
+    s = store.scalars(run)
+    assert list(s.step) == [0, 1] and s.loss[0] == 1.5 and math.isnan(s.loss[1])
+    assert store.run("r")["config"] == {"lr": 0.1}
+    assert list(store.metrics(run, layers=["act"]).layer) == ["act"]
+
+
+def test_query_errors(store):
+    run = store.create_run("r")
+    with pytest.raises(RunNotFoundError, match=r"no run 42 in .*latest runs: 1 \(r\)"):
+        store.metrics(42)
+    with pytest.raises(RunNotFoundError, match="no run 'nope'"):
+        store.scalars("nope")
+    with pytest.raises(StoreError, match=r"unknown metric\(s\) \['speed'\]; known: grad_norm"):
+        store.metrics(run, metrics=["speed"])
+    with pytest.raises(StoreError, match=r"layer\(s\) \['fc9'\] not in run"):
+        store.metrics(run, layers=["fc9"])
+
+
+def test_open_missing_store_for_reading(tmp_path):
+    with pytest.raises(StoreError, match="no run store at .*run a watched training first"):
+        open_store(tmp_path / "missing.db")
+
+
+def test_newer_schema_refused(store_path):
+    with RunStore(store_path):
+        pass
+    conn = sqlite3.connect(store_path)
+    conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match="schema version 99, newer than"):
+        RunStore(store_path)
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys
+    from gradwatch import RunStore
+    path, name, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    store = RunStore(path)
+    run = store.create_run(name)
+    store.add_layers(run, [(i, f"l{i}", "Linear", "param", None) for i in range(10)])
+    for step in range(steps):
+        store.add_layer_metrics(run, [(step, i, [float(step)] * 10) for i in range(10)])
+        store.add_scalars(run, [(step, "loss", float(step))])
+    store.finish_run(run)
+    store.close()
+    """
+)
+
+
+def test_several_processes_write_one_store_without_losing_rows(store_path, tmp_path):
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    procs = [
+        subprocess.Popen([sys.executable, str(script), str(store_path), f"w{i}", "300"]) for i in range(4)
+    ]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0, 0]
+    with open_store(store_path) as s:
+        runs = s.runs()
+        assert sorted(runs.name) == ["w0", "w1", "w2", "w3"]
+        assert (runs.status == "finished").all()
+        for run_id in runs.id:
+            assert len(s.metrics(run_id)) == 3000
+            assert len(s.scalars(run_id)) == 300
+
+
+KILLED = textwrap.dedent(
+    """
+    import sys, torch
+    from torch import nn
+    import gradwatch
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = gradwatch.watch(model, opt, every=1, store=sys.argv[1], run_name="doomed")
+    step = 0
+    while True:
+        opt.zero_grad()
+        loss = model(torch.randn(8, 4)).pow(2).mean()
+        loss.backward()
+        opt.step()
+        w.log(loss=loss)
+        step += 1
+        if step == 20:
+            w.flush()
+            print("flushed", flush=True)
+    """
+)
+
+
+def test_sigkill_mid_run_leaves_a_readable_store(store_path, tmp_path):
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED)
+    proc = subprocess.Popen([sys.executable, str(script), str(store_path)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "flushed"
+    time.sleep(0.5)  # let it write a few more batches, then kill it hard mid-run
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    with open_store(store_path) as s:
+        run = s.run("doomed")
+        assert run["status"] == "interrupted"  # marked running, but its process is gone
+        scalars = s.scalars(run["id"])
+        assert set(range(20)) <= set(scalars.step)  # everything flushed before the kill
+        metrics = s.metrics(run["id"])
+        assert set(range(20)) <= set(metrics.step)
+    conn = sqlite3.connect(store_path)
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    conn.close()
+
+
+def test_findings_roundtrip(store):
+    run = store.create_run("r")
+    store.add_findings(
+        run,
+        [{"kind": "vanishing", "severity": "error", "first_step": 0, "last_step": 9, "layers": ["fc1"],
+          "evidence": {"ratio": 1e-9}, "explanation": "the product of derivatives", "prescriptions": [{"fix": "relu"}]}],
+    )
+    f = store.findings(run)
+    assert f.kind.tolist() == ["vanishing"] and f.evidence[0] == {"ratio": 1e-9} and f.layers[0] == ["fc1"]
+    store.add_findings(run, [])  # replaces by default
+    assert store.findings(run).empty
+
+
+def test_write_queue_is_bounded(store):
+    run = store.create_run("r")
+    for step in range(3 * store.max_pending_writes):
+        store.add_scalars(run, [(step, "loss", 1.0)])
+        assert store.pending_writes() <= store.max_pending_writes
+    store.flush()
+    assert len(store.scalars(run)) == 3 * store.max_pending_writes
