@@ -536,3 +536,18 @@ def test_no_warning_on_healthy_run(store):
         warnings.simplefilter("error")
         with gradwatch.watch(model, opt, every=1, store=store) as w:
             train_steps(model, opt, w, steps=2)
+
+
+def test_include_and_exclude_pick_layers(store):
+    model = mlp(depth=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradwatch.watch(model, opt, every=1, store=store, include=nn.Linear, exclude=["6"]) as w:
+        train_steps(model, opt, w, steps=1)
+        total = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]).item()
+        m, s = w.metrics(), w.scalars()
+    assert sorted(m.layer.unique()) == ["0", "2", "4"]
+    assert rel(s.total_grad_norm[0], total) < 1e-6  # still the whole model's norm
+    with pytest.raises(ConfigError, match=r"include='encoder\.\*' matches no module"):
+        gradwatch.watch(model, include="encoder.*", store=store)
+    with pytest.raises(ConfigError, match="module-name patterns"):
+        gradwatch.watch(model, exclude=[3], store=store)

@@ -30,6 +30,7 @@ training forward, or on :meth:`Watcher.flush` / :meth:`Watcher.detach`).
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import time
 import warnings
@@ -100,6 +101,28 @@ def _first_grad_tensor(output: Any) -> Tensor | None:
     return None
 
 
+Selector = str | type | Iterable[str | type]
+
+
+def _selectors(value: Selector | None, what: str) -> list[str | type] | None:
+    if value is None:
+        return None
+    items = [value] if isinstance(value, (str, type)) else list(value)
+    for item in items:
+        if not isinstance(item, str) and not (isinstance(item, type) and issubclass(item, nn.Module)):
+            raise ConfigError(
+                f"{what} takes module-name patterns ('encoder.*') or nn.Module types (nn.Linear); "
+                f"got {item!r}"
+            )
+    return items
+
+
+def _matches(name: str, module: nn.Module, selectors: list[str | type]) -> bool:
+    return any(
+        fnmatch.fnmatchcase(name, s) if isinstance(s, str) else isinstance(module, s) for s in selectors
+    )
+
+
 def _validate_every(every: int | Callable[[int], bool]) -> Callable[[int], bool]:
     if callable(every):
         return every
@@ -144,8 +167,11 @@ class Watcher:
         config: dict[str, Any],
         activation_stats: bool,
         warn: bool,
+        include: list[str | type] | None = None,
+        exclude: list[str | type] | None = None,
     ) -> None:
         self.model = model
+        self._include, self._exclude = include, exclude
         self.optimizer = optimizer
         self.store = store
         self._owns_store = owns_store
@@ -181,6 +207,10 @@ class Watcher:
         layers = []
         for name, module in model.named_modules():
             name = name or type(module).__name__.lower()
+            if self._include is not None and not _matches(name, module, self._include):
+                continue
+            if self._exclude is not None and _matches(name, module, self._exclude):
+                continue
             trainable = [p for p in module.parameters(recurse=False) if p.requires_grad]
             if trainable:
                 weight = getattr(module, "weight", None)
@@ -574,6 +604,8 @@ def watch(
     config: dict[str, Any] | None = None,
     activation_stats: bool = True,
     warn: bool = True,
+    include: Selector | None = None,
+    exclude: Selector | None = None,
 ) -> Watcher:
     """Watch a model's gradient flow; returns a :class:`Watcher` (also a context manager).
 
@@ -600,6 +632,10 @@ def watch(
         config: JSON-able dict stored with the run (hyper-parameters).
         activation_stats: measure activation modules (saturation, green, dead).
         warn: emit a warning the first time gradients go non-finite.
+        include: watch only these modules: name patterns (``fnmatch``, e.g.
+            ``"encoder.layer.*"``) or module types (``nn.Linear``). Default: all.
+        exclude: do not watch these modules (same forms). ``total_grad_norm`` always
+            covers every trainable parameter of the model.
 
     Raises:
         WatchError: ``model`` is not a module, has no trainable parameters, or is
@@ -630,6 +666,15 @@ def watch(
             f"this {type(model).__name__} is already watched by run {previous().run_id}; call "
             f"detach() on that watcher first (or use it as a context manager)"
         )
+    include_list = _selectors(include, "include")
+    exclude_list = _selectors(exclude, "exclude")
+    if include_list is not None:
+        named = [(n or type(m).__name__.lower(), m) for n, m in model.named_modules()]
+        if not any(_matches(n, m, include_list) for n, m in named):
+            sample = ", ".join(n for n, _ in named[:8])
+            raise ConfigError(
+                f"include={include!r} matches no module of the model; its modules: {sample}, ..."
+            )
     if isinstance(store, RunStore):
         run_store, owns = store, False
     else:
@@ -656,6 +701,8 @@ def watch(
             config=full_config,
             activation_stats=activation_stats,
             warn=warn,
+            include=include_list,
+            exclude=exclude_list,
         )
     except BaseException:
         if owns:
