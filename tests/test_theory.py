@@ -5,8 +5,10 @@ import pytest
 import torch
 from scipy.integrate import quad
 from torch import nn
+from typer.testing import CliRunner
 
 from gradwatch import get_activation, open_store, theory
+from gradwatch.cli import app
 from gradwatch.errors import ConfigError
 
 
@@ -310,3 +312,45 @@ def test_bad_measurement_arguments():
         theory.measure_delta_profile("tanh", 1.0, 0.0, 5, seeds=0)
     with pytest.raises(ConfigError, match=r"width=0; expected an integer >= 1"):
         theory.meanfield_mlp("tanh", 1.0, 0.0, 5, 0)
+
+
+# --- the command line ----------------------------------------------------------------------
+
+runner = CliRunner()
+WIDE = {"COLUMNS": "160"}
+
+
+def test_cli_prints_the_prediction():
+    args = ["theory", "--activation", "tanh", "--sigma-w2", "1.5", "--sigma-b2", "0.05", "--depth", "50"]
+    result = runner.invoke(app, args, env=WIDE)
+    assert result.exit_code == 0, result.output
+    for text in ("q*", "0.418", "0.9386", "15.8", "ordered", "0.212", "1.761", "E[delta^2]"):
+        assert text in result.output
+
+
+def test_cli_measures_and_plots(tmp_path):
+    out = tmp_path / "phase.png"
+    args = ["theory", "-a", "relu", "--sigma-w2", "2", "--depth", "6", "--measure", "--width", "128",
+            "--seeds", "2", "--batch", "16", "--plot", str(out)]
+    result = runner.invoke(app, args, env=WIDE)
+    assert result.exit_code == 0, result.output
+    assert "measured / predicted" in result.output and "fc6" in result.output
+    assert "chi_1 measured:" in result.output and "vs predicted 1" in result.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        pytest.param(["--sigma-w2", "0"], "error: sigma_w2=0.0; expected a finite number > 0", id="sigma-w2"),
+        pytest.param(["--sigma-b2", "-1"], "error: sigma_b2=-1.0; expected a finite number", id="sigma-b2"),
+        pytest.param(["-a", "swoosh"], "unknown activation 'swoosh'; known: elu, gelu", id="activation"),
+        pytest.param(["--depth", "0"], "error: depth=0; expected an integer >= 1", id="depth"),
+        pytest.param(["--plot", "/no/such/dir/x.png"], "error: cannot write the plot to", id="plot"),
+    ],
+)
+def test_cli_errors_are_one_line(args, message):
+    result = runner.invoke(app, ["theory", *args], env=WIDE)
+    assert result.exit_code == 1
+    assert message in result.output.replace("\n", " ")
+    assert "Traceback" not in result.output

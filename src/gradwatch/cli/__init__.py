@@ -63,3 +63,4 @@ def main(
 
 # Command modules register themselves on `app` when imported.
 from gradwatch.cli import runs as _runs  # noqa: E402,F401
+from gradwatch.cli import theory as _theory  # noqa: E402,F401
