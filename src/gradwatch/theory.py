@@ -181,8 +181,10 @@ def _from_callable(fn: Callable, name: str) -> _Act:
             step = 6e-6 * np.maximum(1.0, np.abs(x))
             return (phi(x + step) - phi(x - step)) / (2.0 * step)
 
-    module = fn if isinstance(fn, nn.Module) else None
-    return _Act(name, phi, dphi, (0.0,), derivative, lambda: module or _Elementwise(fn))
+    def make_module() -> nn.Module:
+        return fn if isinstance(fn, nn.Module) else _Elementwise(fn)
+
+    return _Act(name, phi, dphi, (0.0,), derivative, make_module)
 
 
 def _resolve(activation: ActivationLike) -> _Act:
@@ -374,7 +376,7 @@ def _divergence_message(act: _Act, sigma_w2: float, sigma_b2: float, q0: float) 
 def q_star(activation: ActivationLike, sigma_w2: float, sigma_b2: float, *, q0: float = 1.0) -> float:
     """Fixed point of the variance map ``q -> sigma_w2 * E_z[phi(sqrt(q) z)^2] + sigma_b2``.
 
-    Poole et al. 2016, eq. 3. ``q0`` is where the iteration starts; it matters only
+    Poole et al. 2016 (the length map). ``q0`` is where the iteration starts; it matters only
     where several fixed points exist (ReLU at ``sigma_w2 = 2, sigma_b2 = 0`` keeps any
     ``q``; tanh at ``sigma_b2 = 0`` has the unstable ``q = 0``).
 
@@ -431,7 +433,7 @@ def _chi1(act: _Act, sigma_w2: float, sigma_b2: float, q0: float) -> tuple[float
 def chi1(activation: ActivationLike, sigma_w2: float, sigma_b2: float, *, q0: float = 1.0) -> float:
     """``chi_1 = sigma_w2 * E_z[phi'(sqrt(q*) z)^2]``, the per-layer growth of ``E[delta^2]``.
 
-    Poole et al. 2016, eq. 7; Schoenholz et al. 2017, eq. 18. ReLU: ``sigma_w2 / 2``.
+    Poole et al. 2016; Schoenholz et al. 2017. ReLU: ``sigma_w2 / 2``.
     Where ``q^l`` grows without bound (ReLU at ``sigma_w2 > 2``) there is no ``q*``;
     then chi_1 is its limit as ``q -> inf``, the growth of ``delta^2`` per layer deep
     in such a network (``sigma_w2 / 2`` again for ReLU), and :func:`predict` reports
@@ -452,7 +454,7 @@ def _scale(factor: float) -> float:
 def depth_scale(activation: ActivationLike, sigma_w2: float, sigma_b2: float) -> float:
     """Gradient depth scale ``xi = 1 / |ln chi_1|``: ``delta^2`` changes e-fold every ``xi`` layers.
 
-    Schoenholz et al. 2017, eq. 19 (``xi_grad = -1 / ln chi_1``, negative when gradients
+    Schoenholz et al. 2017 (``xi_grad = -1 / ln chi_1``, negative when gradients
     explode; the sign is the :func:`regime`). Infinite at criticality.
     """
     return _scale(chi1(activation, sigma_w2, sigma_b2))
@@ -475,7 +477,7 @@ def regime(
 
 
 def _correlation_scale(act: _Act, sigma_w2: float, sigma_b2: float, q: float, chi: float) -> float:
-    """``xi_c`` at the fixed point of the correlation map (Schoenholz et al. 2017, eqs. 5-9).
+    """``xi_c`` at the fixed point of the correlation map (Schoenholz et al. 2017).
 
     ``c -> (sigma_w2 E[phi(u_1) phi(u_2)] + sigma_b2) / q*`` with ``u_1 = sqrt(q*) z_1``,
     ``u_2 = sqrt(q*) (c z_1 + sqrt(1 - c^2) z_2)``. In the ordered phase ``c* = 1`` and
@@ -588,7 +590,7 @@ class MeanFieldPrediction:
 
     @property
     def trainable_depth(self) -> float:
-        """About ``6 xi_c`` layers (Schoenholz et al. 2017, Fig. 6): deeper is untrainable."""
+        """About ``6 xi_c`` layers (Schoenholz et al. 2017): deeper is untrainable."""
         return TRAINABLE_DEPTH_FACTOR * self.correlation_depth_scale
 
     def ratio(self, depth: int) -> float:
@@ -598,8 +600,10 @@ class MeanFieldPrediction:
 
 def predict(activation: ActivationLike, sigma_w2: float, sigma_b2: float) -> MeanFieldPrediction:
     """All of q*, chi_1, the depth scales and the regime in one :class:`MeanFieldPrediction`."""
-    act = _resolve(activation)
-    sigma_w2, sigma_b2 = _check_sigmas(sigma_w2, sigma_b2)
+    return _predict(_resolve(activation), *_check_sigmas(sigma_w2, sigma_b2))
+
+
+def _predict(act: _Act, sigma_w2: float, sigma_b2: float) -> MeanFieldPrediction:
     q, chi = _chi1(act, sigma_w2, sigma_b2, 1.0)
     return MeanFieldPrediction(
         activation=act.name,
@@ -661,7 +665,10 @@ def trainable_depth_curve(
     activation: ActivationLike, sigma_w2_values: Sequence[float], sigma_b2: float
 ) -> np.ndarray:
     """``6 xi_c`` for each ``sigma_w2``: the curve Schoenholz et al. 2017 draw over accuracy."""
-    return np.array([predict(activation, w2, sigma_b2).trainable_depth for w2 in sigma_w2_values])
+    act = _resolve(activation)
+    return np.array(
+        [_predict(act, *_check_sigmas(w2, sigma_b2)).trainable_depth for w2 in sigma_w2_values]
+    )
 
 
 class PhaseDiagram(NamedTuple):
@@ -680,7 +687,7 @@ def phase_diagram(
     *,
     sigma_w2_max: float = 1e4,
 ) -> PhaseDiagram:
-    """The ordered/chaotic phase diagram of Poole et al. 2016, Fig. 2 / Schoenholz et al. Fig. 1."""
+    """The ordered/chaotic phase diagram in the (sigma_w2, sigma_b2) plane (Schoenholz et al. 2017)."""
     act = _resolve(activation)
     w2s = np.asarray(sigma_w2_values, dtype=np.float64)
     b2s = np.asarray(sigma_b2_values, dtype=np.float64)
