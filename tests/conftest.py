@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # oversubscribed OpenMP pools make small ops 100x slower on 2 cores
 
 
 @pytest.fixture
