@@ -62,5 +62,6 @@ def main(
 
 
 # Command modules register themselves on `app` when imported.
+from gradwatch.cli import report as _report  # noqa: E402,F401
 from gradwatch.cli import runs as _runs  # noqa: E402,F401
 from gradwatch.cli import theory as _theory  # noqa: E402,F401
