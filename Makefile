@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/gradwatch demo
+	$(VENV)/bin/gradwatch lab
 
 # The report's browser test needs Debian's chromium and chromium-driver (CI runs as root).
 test: $(VENV)/.installed

@@ -2,7 +2,9 @@
 
 ``models`` builds configurable MLP/CNN stacks (:class:`ModelConfig`,
 :func:`build_model`); ``data`` loads digits, MNIST-1D or a user's file
-(:func:`load_dataset`).
+(:func:`load_dataset`); ``presets`` holds grids and their claims as data
+(:class:`Preset`, :data:`PRESETS`); ``runner`` runs a grid on a backend, resumes,
+and summarises it from the store (:func:`run_lab`).
 """
 
 from __future__ import annotations
@@ -17,9 +19,55 @@ from gradwatch.lab.models import (
     describe,
     initialize_,
 )
+from gradwatch.lab.presets import (
+    PRESETS,
+    Claim,
+    ConfigSummary,
+    GridEntry,
+    Preset,
+    TrainSettings,
+    Verdict,
+    get_preset,
+    load_preset_file,
+    preset_names,
+    register_preset,
+)
+from gradwatch.lab.runner import (
+    Backend,
+    InProcessBackend,
+    LabInterrupted,
+    LabResult,
+    LocalBackend,
+    RunEvent,
+    RunResult,
+    RunTask,
+    run_lab,
+    run_task,
+)
 
 __all__ = [
     "BUILTIN_DATASETS",
+    "PRESETS",
+    "Backend",
+    "Claim",
+    "ConfigSummary",
+    "GridEntry",
+    "InProcessBackend",
+    "LabInterrupted",
+    "LabResult",
+    "LocalBackend",
+    "Preset",
+    "RunEvent",
+    "RunResult",
+    "RunTask",
+    "TrainSettings",
+    "Verdict",
+    "get_preset",
+    "load_preset_file",
+    "preset_names",
+    "register_preset",
+    "run_lab",
+    "run_task",
     "INIT_NAMES",
     "MODEL_KINDS",
     "Dataset",
