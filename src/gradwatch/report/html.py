@@ -420,10 +420,9 @@ def render(data: ReportData) -> str:
             f"{_extra(section.anchor, data)}</section>"
         )
     header, title = _header(data, shown)
-    if data.lab and _claims_table(data.lab):
-        blocks.insert(
-            0, f"<section id='claims'><h2>What the lab checked</h2>{_claims_table(data.lab)}</section>"
-        )
+    claims = _claims_table(data.lab) if data.lab else ""
+    if claims:
+        blocks.insert(0, f"<section id='claims'><h2>What the lab checked</h2>{claims}</section>")
     if skipped:
         items = "".join(f"<li>{_e(s.heading)}: {_e(why)}</li>" for s, why in skipped)
         blocks.append(f"<section id='not-shown'><h2>Not shown</h2><ul class='muted'>{items}</ul></section>")
