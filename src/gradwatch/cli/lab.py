@@ -125,9 +125,11 @@ def lab(
         err_console.print(f"[bold yellow]{err}[/]", highlight=False)
         raise typer.Exit(130) from None
     console.print(_summary_table(result))
-    console.print(_claims_table(result))
     held = sum(v.held for _, v in result.claims)
-    console.print(f"{held} of {len(result.claims)} claims held; {result.ran} runs in {result.seconds:.0f} s"
+    if result.claims:
+        console.print(_claims_table(result))
+    console.print((f"{held} of {len(result.claims)} claims held; " if result.claims else "")
+                  + f"{result.ran} runs in {result.seconds:.0f} s"
                   + (f", {result.resumed} resumed from the store" if result.resumed else ""))
     for failure in result.failed:
         err_console.print(f"[red]run {failure.task.run_name} failed:[/] {failure.error}", highlight=False)

@@ -410,12 +410,12 @@ def _decay_claim(keys: Sequence[str], max_factor: float, min_r2: float) -> Claim
     return check
 
 
-def _fastest_decay_claim(by_activation: Mapping[str, Sequence[str]], slowest: str) -> ClaimCheck:
+def _fastest_decay_claim(by_activation: Mapping[str, Sequence[str]], fastest: str) -> ClaimCheck:
     def check(summaries: Mapping[str, ConfigSummary], store: RunStore) -> Verdict:
         factors = {act: fit_log_ratio_vs_depth(_points(summaries, keys))[0]
                    for act, keys in by_activation.items()}
-        others = {a: f for a, f in factors.items() if a != slowest}
-        held = all(factors[slowest] < f for f in others.values())
+        others = {a: f for a, f in factors.items() if a != fastest}
+        held = all(factors[fastest] < f for f in others.values())
         listing = ", ".join(f"{a} {f:.2f}" for a, f in sorted(factors.items(), key=lambda kv: kv[1]))
         return Verdict(held, f"per-layer factors: {listing}")
     return check
