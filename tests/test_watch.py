@@ -551,3 +551,13 @@ def test_include_and_exclude_pick_layers(store):
         gradwatch.watch(model, include="encoder.*", store=store)
     with pytest.raises(ConfigError, match="module-name patterns"):
         gradwatch.watch(model, exclude=[3], store=store)
+
+
+def test_relu_saturation_is_missing_not_nonfinite(store):
+    model = mlp(depth=2, activation=nn.ReLU)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradwatch.watch(model, opt, every=1, store=store) as w:
+        train_steps(model, opt, w, steps=1)
+        m = w.metrics()
+    acts = m[m.kind == "activation"]
+    assert len(acts) == 2 and acts.saturated_frac.isna().all() and not acts.nonfinite.any()

@@ -46,7 +46,7 @@ from torch.utils.hooks import RemovableHandle
 
 from gradwatch.activations import Activation, activation_for_module
 from gradwatch.errors import ConfigError, WatchError
-from gradwatch.stats import activation_region_stats, output_moments, squared_norm
+from gradwatch.stats import ACTIVATION_STATS, activation_region_stats, output_moments, squared_norm
 from gradwatch.store import LAYER_METRICS, RunStore
 
 __all__ = ["watch", "Watcher", "DEFAULT_EVERY"]
@@ -433,8 +433,10 @@ class Watcher:
             put(lid, "output_std", std)
         for lid, calls in act_at.items():
             total = sum(n for _, n in calls)
-            for k, metric in enumerate(("saturated_frac", "green_frac", "dead_frac", "mean_derivative")):
-                put(lid, metric, sum(host[s.start + k] * n for s, n in calls) / total)
+            for k, metric in enumerate(ACTIVATION_STATS):
+                value = sum(host[s.start + k] * n for s, n in calls) / total
+                # NaN means "not applicable" here (no flat tails), not a non-finite value
+                put(lid, metric, None if math.isnan(value) and metric == "saturated_frac" else value)
 
         nonfinite = 0
         if grad_at is not None:
