@@ -3,14 +3,18 @@ import math
 import torch
 
 from gradwatch.activations import get_activation
-from gradwatch.stats import activation_region_stats, output_moments, squared_norm
+import pytest
+
+from gradwatch.activations import activation_names
+from gradwatch.stats import activation_region_stats, moments_from_sums, output_moments, sample_index, squared_norm
 
 
 def test_squared_norm_and_moments():
     x = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
     assert squared_norm(x).item() == 25.0
-    mean, std = output_moments(torch.tensor([1.0, 2.0, 3.0, 4.0])).tolist()
-    assert mean == 2.5 and abs(std - math.sqrt(1.25)) < 1e-7
+    total, norm = output_moments(torch.tensor([1.0, 2.0, 3.0, 4.0])).tolist()
+    mean, std = moments_from_sums(total, norm**2, 4)
+    assert abs(mean - 2.5) < 1e-7 and abs(std - math.sqrt(1.25)) < 1e-6
 
 
 def test_sigmoid_regions_on_constructed_inputs():
@@ -55,3 +59,58 @@ def test_tanh_regions():
     sat, green, _, _ = activation_region_stats(x[None], t).tolist()
     assert green == 2 / 4
     assert sat == 1 / 4  # 1 - tanh(3)^2 = 0.0099 < 0.1
+
+
+def _exact(x, act, channels_first=False):
+    d = act.derivative(x).abs().double()  # in the dtype the network computes: e^-200 is 0 in float32
+    m = act.max_derivative
+    dim = 1 if (x.ndim == 2 or channels_first) else x.ndim - 1
+    others = [i for i in range(x.ndim) if i != dim]
+    dead = (d.amax(dim=others) <= 0).double().mean().item()
+    sat = (d < 0.1 * m).double().mean().item() if act.saturating else math.nan
+    return [sat, (d >= 0.5 * m).double().mean().item(), dead, d.mean().item()]
+
+
+@pytest.mark.parametrize("name", activation_names())
+def test_dead_shortcut_equals_full_computation(name):
+    act = get_activation(name)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 40, generator=g) * 3
+    x[:, :10] = -200 - torch.rand(64, 10, generator=g)  # dead for ReLU-likes
+    x[:, 10:20] = 200 + torch.rand(64, 10, generator=g)  # dead for sigmoid/tanh/softsign (flat, phi' = 0 in float32)
+    got = activation_region_stats(x, act).tolist()
+    want = _exact(x, act)
+    assert got[2] == pytest.approx(want[2], abs=1e-7)
+    for a, b in zip(got[:2] + got[3:], want[:2] + want[3:], strict=True):
+        assert (math.isnan(a) and math.isnan(b)) or abs(a - b) < 1e-5
+
+
+def test_sampled_fractions_are_close_and_dead_stays_exact():
+    act = get_activation("tanh")
+    x = torch.randn(128, 256, generator=torch.Generator().manual_seed(1)) * 2
+    x[:, :32] = 50.0
+    idx = sample_index(x.numel(), 4096, x.device)
+    got = activation_region_stats(x, act, sample=idx).tolist()
+    want = _exact(x, act)
+    for k in (0, 1):  # fractions: within 3 standard errors of a 4096 sample
+        assert abs(got[k] - want[k]) < 3 * 0.5 / math.sqrt(4096)
+    assert got[2] == pytest.approx(32 / 256)
+    assert sample_index(100, 4096, x.device) is None  # small inputs: every element
+
+
+@pytest.mark.parametrize("name", activation_names())
+def test_batched_stats_equal_one_by_one(name):
+    from gradwatch.stats import activation_inputs, batched_region_stats
+
+    act = get_activation(name)
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(32, 20, generator=g) * 3, torch.randn(8, 4, 5, 5, generator=g), torch.randn(600, 16, generator=g)]
+    xs[0][:, :5] = -300.0
+    xs[1][:, 1] = 300.0
+    idx = sample_index(xs[2].numel(), 4096, xs[2].device)
+    kept, single = [], []
+    for x, cf in zip(xs, (False, True, False), strict=True):
+        s = idx if x is xs[2] else None
+        kept.append(activation_inputs(x, act, channels_first=cf, sample=s))
+        single.append(activation_region_stats(x, act, channels_first=cf, sample=s))
+    torch.testing.assert_close(batched_region_stats(kept, act), torch.stack(single), equal_nan=True, atol=1e-6, rtol=1e-5)

@@ -52,6 +52,11 @@ class Activation:
         saturating: True if ``phi'`` goes to zero in flat tails.
         make_module: builds the ``nn.Module`` with the same parameters.
         params: the parameters (negative slope, alpha, bounds) as a dict.
+        peak: where, among a unit's inputs, phi' is largest where it can vanish:
+            ``"max"`` (at the largest input: ReLU, LeakyReLU, ELU, GELU, SiLU, whose
+            phi' vanishes only toward -inf), ``"min_abs"`` (at the input nearest 0:
+            sigmoid, tanh, softsign) or None (no shortcut: compute phi' everywhere).
+            It makes the dead-unit test one reduction instead of phi' on every input.
     """
 
     name: str
@@ -61,6 +66,7 @@ class Activation:
     saturating: bool
     make_module: Callable[[], nn.Module] = field(repr=False)
     params: dict = field(default_factory=dict)
+    peak: str | None = None
 
     def green_threshold(self, fraction: float = 0.5) -> float:
         """Derivative value at and above which an input is in the green region."""
@@ -121,6 +127,7 @@ def _leaky_relu(slope: float) -> Activation:
         saturating=False,
         make_module=lambda: nn.LeakyReLU(slope),
         params={"negative_slope": slope},
+        peak="max",
     )
 
 
@@ -133,6 +140,7 @@ def _elu(alpha: float) -> Activation:
         saturating=True,
         make_module=lambda: nn.ELU(alpha),
         params={"alpha": alpha},
+        peak="max",
     )
 
 
@@ -160,18 +168,23 @@ def _gelu(approximate: str) -> Activation:
         saturating=True,
         make_module=lambda: nn.GELU(approximate=approximate),
         params={"approximate": approximate},
+        peak="max",
     )
 
 
 _SIMPLE: dict[str, Callable[[], Activation]] = {
-    "sigmoid": lambda: Activation("sigmoid", torch.sigmoid, _d_sigmoid, 0.25, True, nn.Sigmoid),
-    "tanh": lambda: Activation("tanh", torch.tanh, _d_tanh, 1.0, True, nn.Tanh),
-    "relu": lambda: Activation("relu", torch.relu, _d_relu, 1.0, False, nn.ReLU),
+    "sigmoid": lambda: Activation(
+        "sigmoid", torch.sigmoid, _d_sigmoid, 0.25, True, nn.Sigmoid, peak="min_abs"
+    ),
+    "tanh": lambda: Activation("tanh", torch.tanh, _d_tanh, 1.0, True, nn.Tanh, peak="min_abs"),
+    "relu": lambda: Activation("relu", torch.relu, _d_relu, 1.0, False, nn.ReLU, peak="max"),
     "softsign": lambda: Activation(
-        "softsign", torch.nn.functional.softsign, _d_softsign, 1.0, True, nn.Softsign
+        "softsign", torch.nn.functional.softsign, _d_softsign, 1.0, True, nn.Softsign, peak="min_abs"
     ),
     # max of SiLU' is at x ~ 2.3994
-    "silu": lambda: Activation("silu", torch.nn.functional.silu, _d_silu, 1.0998393201, True, nn.SiLU),
+    "silu": lambda: Activation(
+        "silu", torch.nn.functional.silu, _d_silu, 1.0998393201, True, nn.SiLU, peak="max"
+    ),
 }
 
 _PARAMETRISED: dict[str, Callable[..., Activation]] = {

@@ -46,12 +46,25 @@ from torch.utils.hooks import RemovableHandle
 
 from gradwatch.activations import Activation, activation_for_module
 from gradwatch.errors import ConfigError, WatchError
-from gradwatch.stats import ACTIVATION_STATS, activation_region_stats, output_moments, squared_norm
+from gradwatch.stats import (
+    ACTIVATION_STATS,
+    activation_inputs,
+    batched_region_stats,
+    moments_from_sums,
+    output_moments,
+    sample_index,
+    squared_norm,
+)
 from gradwatch.store import LAYER_METRICS, RunStore
 
 __all__ = ["watch", "Watcher", "DEFAULT_EVERY"]
 
 DEFAULT_EVERY = 10
+# Steps closed without being written (unlogged steps with logged values) wait at most this long.
+_MAX_WAITING_STEPS = 256
+# Update ratios are measured on a fixed random sample of this many elements per weight
+# (exact for smaller weights): a full copy of every weight costs more than the step.
+_UPDATE_SAMPLE = 4096
 _METRIC_INDEX = {name: i for i, name in enumerate(LAYER_METRICS)}
 _CONV_TYPES = (nn.modules.conv._ConvNd,)
 
@@ -80,7 +93,7 @@ class _Step:
     delta_sq: dict[int, list[Tensor]] = field(default_factory=lambda: defaultdict(list))
     delta_count: dict[int, int] = field(default_factory=lambda: defaultdict(int))
     moments: dict[int, list[tuple[Tensor, int]]] = field(default_factory=lambda: defaultdict(list))
-    act_stats: dict[int, list[tuple[Tensor, int]]] = field(default_factory=lambda: defaultdict(list))
+    act_kept: list[tuple[int, Activation, tuple[Tensor, Tensor, bool]]] = field(default_factory=list)
     grad_norms: Tensor | None = None  # per watched parameter
     weight_norms: Tensor | None = None
     update_norms: Tensor | None = None
@@ -169,6 +182,7 @@ class Watcher:
         warn: bool,
         include: list[str | type] | None = None,
         exclude: list[str | type] | None = None,
+        activation_sample: int = 4096,
     ) -> None:
         self.model = model
         self._include, self._exclude = include, exclude
@@ -177,11 +191,16 @@ class Watcher:
         self._owns_store = owns_store
         self._should_log = _validate_every(every)
         self._activation_stats = activation_stats
+        self._activation_sample = activation_sample
+        self._samples: dict[tuple, Tensor | None] = {}
         self._warn = warn
         self._params: list[Tensor] = [p for p in model.parameters() if p.requires_grad]
         self._layers = self._discover_layers(model)
+        self._chosen = sorted({i for layer in self._layers for i in layer.params})
+        self._chosen_pos = {i: k for k, i in enumerate(self._chosen)}
         self._next_layer_id = 0
         self._record: _Step | None = None
+        self._closed: list[_Step] = []  # closed steps waiting to be written
         self._steps_started = 0
         self._optimizer_steps = 0
         self._stepped = False
@@ -331,29 +350,38 @@ class Watcher:
                 return
             channels_first = x.ndim >= 4 or (x.ndim == 3 and self._last_param_was_conv)
             lid = self._layer_id(layer)
+            key = ("activation", lid, x.numel(), x.device)
+            if key not in self._samples:
+                self._samples[key] = sample_index(x.numel(), self._activation_sample, x.device, seed=lid)
             with torch.no_grad():
-                stats = activation_region_stats(x, activation, channels_first=channels_first)
-            record.act_stats[lid].append((stats, x.numel()))
+                kept = activation_inputs(
+                    x, activation, channels_first=channels_first, sample=self._samples[key]
+                )
+            record.act_kept.append((lid, activation, kept))
 
         return on_pre_forward
 
     def _take_grad_stats(self, record: _Step) -> None:
-        """Per-parameter grad and weight norms of the (accumulated) gradient, on device."""
+        """Norms of every parameter's (accumulated) gradient and of the layers' weights, on device."""
         with torch.no_grad():
             grads = [p.grad for p in self._params]
             present = [i for i, g in enumerate(grads) if g is not None]
             if not present:
                 return
-            dense = [grads[i] if not grads[i].is_sparse else grads[i].coalesce()._values() for i in present]
-            norms = torch._foreach_norm(dense)
-            full = torch.full((len(self._params),), float("nan"), device=norms[0].device)
-            full[present] = torch.stack([n.float().to(full.device) for n in norms])
-            record.grad_norms = full
+            dense = [grads[i].coalesce()._values() if grads[i].is_sparse else grads[i] for i in present]
+            record.grad_norms = _stack(torch._foreach_norm(dense))
             record.grad_present = present
-            weights = [p.detach() for p in self._params]
-            record.weight_norms = torch.stack(
-                [n.float().to(full.device) for n in torch._foreach_norm(weights)]
-            )
+            weights = [self._params[i].detach() for i in self._chosen]
+            record.weight_norms = _stack(torch._foreach_norm(weights))
+
+    def _weight_sample(self, i: int) -> Tensor:
+        """A fixed random sample of parameter ``i``'s elements (all of them if few), copied."""
+        flat = self._params[i].detach().reshape(-1)
+        key = ("weight", i, flat.numel(), flat.device)
+        if key not in self._samples:
+            self._samples[key] = sample_index(flat.numel(), _UPDATE_SAMPLE, flat.device, seed=i)
+        index = self._samples[key]
+        return flat.clone() if index is None else flat.take(index)
 
     def _on_optimizer_pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         record = self._current()
@@ -362,105 +390,135 @@ class Watcher:
         self._take_grad_stats(record)
         record.lr = optimizer.param_groups[0].get("lr")
         with torch.no_grad():
-            record.snapshot = torch._foreach_mul([p.detach() for p in self._params], 1.0)
+            record.snapshot = [self._weight_sample(i) for i in self._chosen]
 
     def _on_optimizer_post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         record = self._record
         if record is not None and record.logged and record.snapshot is not None:
             with torch.no_grad():
-                diffs = torch._foreach_sub([p.detach() for p in self._params], record.snapshot)
-                record.update_norms = torch.stack([n.float() for n in torch._foreach_norm(diffs)])
+                after = [self._weight_sample(i) for i in self._chosen]
+                diffs = torch._foreach_sub(after, record.snapshot)
+                # ||w_after - w_before|| / ||w_before||, both on the same sample of elements
+                record.update_norms = torch.cat(
+                    [_stack(torch._foreach_norm(diffs)), _stack(torch._foreach_norm(record.snapshot))]
+                )
             record.snapshot = None
         self._optimizer_steps += 1
         self._stepped = True
 
     # -- closing a step: one transfer, rows to the store -------------------------
 
-    def _close_step(self) -> None:
+    @staticmethod
+    def _activation_stats_of(record: _Step, gather: _Gather) -> dict[int, list[_At]]:
+        """Region statistics of every activation call of the step, one batch per activation kind."""
+        groups: dict[tuple, list[tuple[int, Activation, tuple]]] = defaultdict(list)
+        for lid, activation, kept in record.act_kept:
+            key = (activation.name, tuple(sorted(activation.params.items())), kept[0].device)
+            groups[key].append((lid, activation, kept))
+        where: dict[int, list[_At]] = defaultdict(list)
+        with torch.no_grad():
+            for members in groups.values():
+                stats = batched_region_stats([kept for _, _, kept in members], members[0][1])
+                at = gather.add(stats)  # row-major (calls, 4)
+                for row, (lid, _, _) in enumerate(members):
+                    where[lid].append(_At(at + 4 * row))
+        return where
+
+    def _close_step(self, *, write: bool = False) -> None:
+        """Close the open step; write closed steps at a logged step, on request, or when many wait.
+
+        Values logged on unlogged steps stay on their device until then, so an
+        unlogged step costs no transfer and no store commit.
+        """
         record, self._record = self._record, None
-        if record is None:
-            return
-        if not record.logged and not record.values:
-            return
-        now = time.time()
-        tensors: list[Tensor] = []
-        size = 0
+        if record is not None and (record.logged or record.values):
+            self._closed.append(record)
+        if self._closed and (write or self._closed[-1].logged or len(self._closed) >= _MAX_WAITING_STEPS):
+            closed, self._closed = self._closed, []
+            self._write(closed)
 
-        def take(t: Tensor) -> slice:
-            nonlocal size
-            tensors.append(t.detach().reshape(-1).float())
-            size += t.numel()
-            return slice(size - t.numel(), size)
+    def _write(self, records: list[_Step]) -> None:
+        """Bring the records' device values to the host in one transfer and queue their rows."""
+        gather = _Gather()
+        planned = [(record, self._plan(record, gather)) for record in records]
+        host = gather.to_host()
+        for record, plan in planned:
+            self._write_record(record, plan, host)
 
-        delta_at = {
-            lid: (take(torch.stack(v).sum()), record.delta_count[lid]) for lid, v in record.delta_sq.items()
+    def _plan(self, record: _Step, gather: _Gather) -> dict[str, Any]:
+        values = {
+            name: [gather.add(v) if isinstance(v, Tensor) else v for v in vals]
+            for name, vals in record.values.items()
         }
-        moment_at = {lid: [(take(t), n) for t, n in v] for lid, v in record.moments.items()}
-        act_at = {lid: [(take(t), n) for t, n in v] for lid, v in record.act_stats.items()}
-        grad_at = take(record.grad_norms) if record.grad_norms is not None else None
-        weight_at = take(record.weight_norms) if record.weight_norms is not None else None
-        update_at = take(record.update_norms) if record.update_norms is not None else None
-        value_at: dict[str, list[slice | float]] = {}
-        for name, vals in record.values.items():
-            value_at[name] = [take(v) if isinstance(v, Tensor) else v for v in vals]
-        lr_at = take(record.lr) if isinstance(record.lr, Tensor) else record.lr
+        if not record.logged:
+            return {"values": values}
+        return {
+            "values": values,
+            "deltas": [(lid, [gather.add(t) for t in v]) for lid, v in record.delta_sq.items()],
+            "moments": [(lid, [(gather.add(t), n) for t, n in v]) for lid, v in record.moments.items()],
+            "acts": self._activation_stats_of(record, gather),
+            "grad": gather.add(record.grad_norms) if record.grad_norms is not None else None,
+            "weight": gather.add(record.weight_norms) if record.weight_norms is not None else None,
+            "update": gather.add(record.update_norms) if record.update_norms is not None else None,
+            "lr": gather.add(record.lr) if isinstance(record.lr, Tensor) else record.lr,
+            "time": time.time(),
+        }
 
-        host = self._to_host(tensors)
-
-        def get(s: slice | float | None) -> float | None:
-            if s is None or isinstance(s, (int, float)):
-                return s
-            return host[s.start]
-
+    def _write_record(self, record: _Step, plan: dict[str, Any], host: list[float]) -> None:
         scalars: list[tuple[int, str, float | None]] = []
-        for name, vals in value_at.items():
-            nums = [get(v) for v in vals]
+        for name, vals in plan["values"].items():
+            nums = [host[v] if isinstance(v, _At) else v for v in vals]
             scalars.append((record.step, name, sum(nums) / len(nums)))
         if not record.logged:
             self.store.add_scalars(self.run_id, scalars)
             return
+        deltas, moments, acts = plan["deltas"], plan["moments"], plan["acts"]
+        grad_at, weight_at, update_at, lr = plan["grad"], plan["weight"], plan["update"], plan["lr"]
+        now = plan["time"]
 
         rows: dict[int, list[float | None]] = {}
 
         def put(lid: int, metric: str, value: float | None) -> None:
             rows.setdefault(lid, [None] * len(LAYER_METRICS))[_METRIC_INDEX[metric]] = value
 
-        for lid, (s, count) in delta_at.items():
-            put(lid, "delta_rms", math.sqrt(get(s) / count) if count else None)
-        for lid, calls in moment_at.items():
-            mean, std = _combine_moments([(host[s.start], host[s.start + 1], n) for s, n in calls])
+        for lid, at in deltas:
+            count = record.delta_count[lid]
+            put(lid, "delta_rms", math.sqrt(sum(host[a] for a in at) / count) if count else None)
+        for lid, calls in moments:
+            total = sum(host[a] for a, _ in calls)
+            norm_sq = sum(host[a + 1] ** 2 for a, _ in calls)
+            mean, std = moments_from_sums(total, norm_sq, sum(n for _, n in calls))
             put(lid, "output_mean", mean)
             put(lid, "output_std", std)
-        for lid, calls in act_at.items():
-            total = sum(n for _, n in calls)
+        for lid, calls in acts.items():
             for k, metric in enumerate(ACTIVATION_STATS):
-                value = sum(host[s.start + k] * n for s, n in calls) / total
+                value = sum(host[a + k] for a in calls) / len(calls)
                 # NaN means "not applicable" here (no flat tails), not a non-finite value
                 put(lid, metric, None if math.isnan(value) and metric == "saturated_frac" else value)
 
         nonfinite = 0
         if grad_at is not None:
-            grad = host[grad_at]
-            weight = host[weight_at] if weight_at is not None else None
-            update = host[update_at] if update_at is not None else None
-            present = set(record.grad_present)
-            nonfinite = sum(1 for i in present if not math.isfinite(grad[i]))
-            total = _combine_norms(grad[i] for i in present)
-            scalars.append((record.step, "total_grad_norm", total))
+            grad = {i: host[grad_at + k] for k, i in enumerate(record.grad_present)}
+            nonfinite = sum(1 for g in grad.values() if not math.isfinite(g))
+            scalars.append((record.step, "total_grad_norm", _combine_norms(grad.values())))
             scalars.append((record.step, "nonfinite_grads", float(nonfinite)))
+            n_chosen = len(self._chosen)
             for layer in self._layers:
-                if layer.kind != "param" or not any(i in present for i in layer.params):
+                if layer.kind != "param" or not any(i in grad for i in layer.params):
                     continue
                 lid = self._layer_id(layer)
-                put(lid, "grad_norm", _combine_norms(grad[i] for i in layer.params if i in present))
-                if weight is not None:
-                    w = _combine_norms(weight[i] for i in layer.params)
-                    put(lid, "weight_norm", w)
-                    if update is not None:
-                        u = _combine_norms(update[i] for i in layer.params)
-                        put(lid, "update_ratio", u / w if w else math.inf)
-        if lr_at is not None:
-            scalars.append((record.step, "lr", get(lr_at)))
+                put(lid, "grad_norm", _combine_norms(grad[i] for i in layer.params if i in grad))
+                if weight_at is None:
+                    continue
+                slots = [self._chosen_pos[i] for i in layer.params]
+                w = _combine_norms(host[weight_at + k] for k in slots)
+                put(lid, "weight_norm", w)
+                if update_at is not None:
+                    du = _combine_norms(host[update_at + k] for k in slots)
+                    ws = _combine_norms(host[update_at + n_chosen + k] for k in slots)
+                    put(lid, "update_ratio", du / ws if ws else math.inf)
+        if lr is not None:
+            scalars.append((record.step, "lr", host[lr] if isinstance(lr, _At) else lr))
         scalars.append((record.step, "wall_time", now))
 
         self.store.add_layer_metrics(self.run_id, ((record.step, lid, vals) for lid, vals in rows.items()))
@@ -473,26 +531,6 @@ class Watcher:
                 RuntimeWarning,
                 stacklevel=3,
             )
-
-    @staticmethod
-    def _to_host(tensors: list[Tensor]) -> list[float]:
-        """One device-to-host transfer per device (normally exactly one)."""
-        if not tensors:
-            return []
-        by_device: dict[torch.device, list[int]] = defaultdict(list)
-        for i, t in enumerate(tensors):
-            by_device[t.device].append(i)
-        if len(by_device) == 1:
-            return torch.cat(tensors).cpu().tolist()
-        parts: list[list[float]] = [[] for _ in tensors]
-        for idx in by_device.values():
-            flat = torch.cat([tensors[i] for i in idx]).cpu().tolist()
-            pos = 0
-            for i in idx:
-                n = tensors[i].numel()
-                parts[i] = flat[pos : pos + n]
-                pos += n
-        return [v for part in parts for v in part]
 
     # -- public API --------------------------------------------------------------
 
@@ -524,7 +562,7 @@ class Watcher:
 
     def flush(self) -> None:
         """Write the open step and block until the store has committed every row."""
-        self._close_step()
+        self._close_step(write=True)
         self.store.flush()
 
     def detach(self, *, error: BaseException | None = None) -> None:
@@ -543,10 +581,9 @@ class Watcher:
         self._handles.clear()
         if _WATCHED.get(self.model) is not None and _WATCHED[self.model]() is self:
             del _WATCHED[self.model]
-        if error is None:
-            self._close_step()
-        else:
-            self._record = None
+        if error is not None:
+            self._record = None  # half-recorded: dropped
+        self._close_step(write=True)
         status = "finished" if error is None else "failed"
         message = None if error is None else f"{type(error).__name__}: {error}"
         self.store.finish_run(self.run_id, status, message)
@@ -579,21 +616,59 @@ class Watcher:
         return f"<Watcher run {self.run_id} {self.run_name!r}, {len(self._layers)} layers, {state}>"
 
 
+class _At(int):
+    """An offset into a step's host values (distinguishes gathered values from plain floats)."""
+
+
+class _Gather:
+    """Collects a step's device tensors and brings them to the host in one transfer per device."""
+
+    def __init__(self) -> None:
+        self._parts: list[Tensor] = []
+        self._size = 0
+
+    def add(self, tensor: Tensor) -> _At:
+        flat = tensor.detach().reshape(-1)
+        self._parts.append(flat)
+        self._size += flat.numel()
+        return _At(self._size - flat.numel())
+
+    def to_host(self) -> list[float]:
+        if not self._parts:
+            return []
+        devices = {t.device for t in self._parts}
+        if len(devices) == 1:
+            return torch.cat([t.float() for t in self._parts]).cpu().tolist()
+        # model parallel: one transfer per device, then back in order
+        out: list[float] = [0.0] * self._size
+        offsets = [0]
+        for t in self._parts:
+            offsets.append(offsets[-1] + t.numel())
+        for device in devices:
+            idx = [k for k, t in enumerate(self._parts) if t.device == device]
+            flat = torch.cat([self._parts[k].float() for k in idx]).cpu().tolist()
+            pos = 0
+            for k in idx:
+                n = self._parts[k].numel()
+                out[offsets[k] : offsets[k] + n] = flat[pos : pos + n]
+                pos += n
+        return out
+
+
+def _stack(norms: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
+    """Stack 0-d norms into one float32 vector, on the first one's device."""
+    try:
+        return torch.stack(list(norms)).float()
+    except RuntimeError:  # parameters on several devices
+        device = norms[0].device
+        return torch.stack([n.to(device) for n in norms]).float()
+
+
 def _combine_norms(norms: Iterable[float]) -> float | None:
     values = list(norms)
     if not values:
         return None
     return math.sqrt(sum(v * v for v in values))
-
-
-def _combine_moments(calls: list[tuple[float, float, int]]) -> tuple[float, float]:
-    """Pooled mean and std of several calls' (mean, std, n) (a module called twice)."""
-    if len(calls) == 1:
-        return calls[0][0], calls[0][1]
-    total = sum(n for _, _, n in calls)
-    mean = sum(m * n for m, _, n in calls) / total
-    var = sum(n * (s * s + (m - mean) ** 2) for m, s, n in calls) / total
-    return mean, math.sqrt(max(var, 0.0))
 
 
 def watch(
@@ -608,6 +683,7 @@ def watch(
     warn: bool = True,
     include: Selector | None = None,
     exclude: Selector | None = None,
+    activation_sample: int = 4096,
 ) -> Watcher:
     """Watch a model's gradient flow; returns a :class:`Watcher` (also a context manager).
 
@@ -633,6 +709,10 @@ def watch(
         run_name: name of the run. Default: the model's class name and the time.
         config: JSON-able dict stored with the run (hyper-parameters).
         activation_stats: measure activation modules (saturation, green, dead).
+        activation_sample: the saturated and green fractions and the mean derivative
+            are averaged over a fixed random sample of this many inputs per
+            activation (standard error at most ``0.5 / sqrt(n)``: 0.8 points for
+            4096); 0 averages over every input. Dead fractions are always exact.
         warn: emit a warning the first time gradients go non-finite.
         include: watch only these modules: name patterns (``fnmatch``, e.g.
             ``"encoder.layer.*"``) or module types (``nn.Linear``). Default: all.
@@ -662,6 +742,10 @@ def watch(
             f"it as the second argument, or leave it out"
         )
     _validate_every(every)
+    if isinstance(activation_sample, bool) or not isinstance(activation_sample, int) or activation_sample < 0:
+        raise ConfigError(
+            f"activation_sample={activation_sample!r}; expected a sample size >= 0 (0: every input)"
+        )
     previous = _WATCHED.get(model)
     if previous is not None and previous() is not None and previous().attached:
         raise WatchError(
@@ -705,6 +789,7 @@ def watch(
             warn=warn,
             include=include_list,
             exclude=exclude_list,
+            activation_sample=activation_sample,
         )
     except BaseException:
         if owns:
