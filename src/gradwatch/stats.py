@@ -186,12 +186,10 @@ def batched_region_stats(
     device = kept[0][0].device
     m = activation.max_derivative
     sizes = [inputs.numel() for inputs, _, _ in kept]
-    segments = _segments(sizes, device)
     d = activation.derivative(torch.cat([inputs for inputs, _, _ in kept])).abs()
     per_input = torch.stack([d < saturation_fraction * m, d >= green_fraction * m]).float()
     per_input = torch.cat([per_input, d.float().unsqueeze(0)])
-    sums = torch.zeros(3, len(kept), device=device).index_add_(1, segments, per_input)
-    sums = sums / torch.tensor(sizes, device=device, dtype=torch.float32)
+    sums = _segment_sums(per_input, sizes) / torch.tensor(sizes, device=device, dtype=torch.float32)
     saturated = sums[0] if activation.saturating else torch.full_like(sums[0], float("nan"))
 
     unit_sizes = [units.numel() for _, units, _ in kept]
@@ -199,10 +197,17 @@ def batched_region_stats(
         best = torch.cat([u if is_d else activation.derivative(u).abs() for _, u, is_d in kept])
     else:
         best = activation.derivative(torch.cat([u for _, u, _ in kept])).abs()
-    dead = torch.zeros(len(kept), device=device).index_add_(
-        0, _segments(unit_sizes, device), (best <= 0).float()
-    ) / torch.tensor(unit_sizes, device=device, dtype=torch.float32)
+    dead_counts = _segment_sums((best <= 0).float().unsqueeze(0), unit_sizes)[0]
+    dead = dead_counts / torch.tensor(unit_sizes, device=device, dtype=torch.float32)
     return torch.stack([saturated, sums[1], dead, sums[2]], dim=1)
+
+
+def _segment_sums(values: Tensor, sizes: list[int]) -> Tensor:
+    """Sums of consecutive segments of ``values`` (rows x sum(sizes)) -> rows x len(sizes)."""
+    if len(set(sizes)) == 1:  # the usual case: a reshape, ~30x faster than index_add_ on CPU
+        return values.reshape(values.shape[0], len(sizes), sizes[0]).sum(2)
+    out = torch.zeros(values.shape[0], len(sizes), device=values.device, dtype=values.dtype)
+    return out.index_add_(1, _segments(sizes, values.device), values)
 
 
 _SEGMENT_CACHE: dict[tuple, Tensor] = {}
