@@ -74,7 +74,7 @@ def _print_table(table: PrescriptionTable) -> None:
     base = table.baseline
     out = Table(title=f"what-if trials, {table.steps} steps each, same data and seed "
                       f"(ranked by the loss reached; first/last delta: 1 is healthy)")
-    for col in ("#", "change", "loss", "test acc", "first/last delta", "verdict"):
+    for col in ("#", "change", "loss", "test acc", "first/last delta", "loss vs unchanged"):
         out.add_column(col, justify="right" if col in _NUMERIC else "left")
     found = ", ".join(KINDS.get(k, k) for k in base.findings) or "no finding"
     out.add_row("", Text("unchanged model", style="bold"), _num(base.loss), _num(base.test_acc),
@@ -84,10 +84,10 @@ def _print_table(table: PrescriptionTable) -> None:
             m = p.measurements
             style = "green" if m.get("improved") else ""
             gain = m.get("loss_gain")
-            verdict = f"{-gain:+.0%} loss" if isinstance(gain, float) and math.isfinite(gain) else "-"
+            verdict = f"{-gain:+.0%}" if isinstance(gain, float) and math.isfinite(gain) else "-"
             out.add_row(str(p.rank), Text(_SHORT.get(p.name, p.name), style=style), _num(m.get("loss")),
                         _num(m.get("test_acc")), _num(m.get("delta_ratio"), 2),
-                        Text(verdict + ("" if m.get("improved") else ", no clear improvement"), style=style))
+                        Text(verdict + ("" if m.get("improved") else " (no gain)"), style=style))
         else:
             out.add_row("-", Text(_SHORT.get(p.name, p.name), style="dim"), "", "", "",
                         Text(("not applicable: " if not p.applicable else "") + p.reason, style="dim"))
