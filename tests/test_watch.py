@@ -561,3 +561,22 @@ def test_relu_saturation_is_missing_not_nonfinite(store):
         m = w.metrics()
     acts = m[m.kind == "activation"]
     assert len(acts) == 2 and acts.saturated_frac.isna().all() and not acts.nonfinite.any()
+
+
+def test_live_warning_once_per_kind(store):
+    from gradwatch.errors import GradientWarning
+
+    torch.manual_seed(0)
+    model = mlp(depth=15, width=16, activation=nn.Sigmoid)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with gradwatch.watch(model, opt, every=1, store=store) as w:
+            train_steps(model, opt, w, steps=4)
+    ours = [c for c in caught if issubclass(c.category, GradientWarning)]
+    assert len(ours) == 1
+    assert "vanishing gradients" in str(ours[0].message) and f"gradwatch show {w.run_id}" in str(ours[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with gradwatch.watch(mlp(depth=15, width=16, activation=nn.Sigmoid), every=1, store=store, warn=False) as w2:
+            train_steps(w2.model, torch.optim.SGD(w2.model.parameters(), lr=0.1), None, steps=1)

@@ -9,7 +9,9 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from gradwatch.activations import Activation, activation_names, get_activation
-from gradwatch.errors import GradwatchError
+from gradwatch.diagnose import Finding, Prescription, Thresholds, diagnose
+from gradwatch.errors import GradientWarning, GradwatchError
+from gradwatch.prescribe import prescribe
 from gradwatch.store import RunStore, open_store
 from gradwatch.watch import Watcher, watch
 
@@ -23,4 +25,10 @@ __all__ = [
     "activation_names",
     "get_activation",
     "GradwatchError",
+    "GradientWarning",
+    "diagnose",
+    "Finding",
+    "Prescription",
+    "Thresholds",
+    "prescribe",
 ]

@@ -14,6 +14,7 @@ __all__ = [
     "RunNotFoundError",
     "DataError",
     "TrainingStopped",
+    "GradientWarning",
 ]
 
 
@@ -46,3 +47,10 @@ class DataError(GradwatchError, ValueError):
 
 class TrainingStopped(GradwatchError):
     """Raised from inside training when an alert rule asks to stop (e.g. first NaN gradient)."""
+
+
+class GradientWarning(RuntimeWarning):
+    """Emitted while training when gradients go non-finite, vanish or explode.
+
+    ``watch(..., warn=False)`` silences it; ``simplefilter("error", GradientWarning)`` stops training.
+    """

@@ -500,7 +500,7 @@ class RunStore:
         """The id of a run given its id or name (the latest run of that name)."""
         if isinstance(run, bool):
             raise RunNotFoundError(f"run {run!r} is not a run id or name")
-        key: int | str = run
+        key: int | str = int(run) if hasattr(run, "__index__") else run  # numpy integers too
         if isinstance(run, str) and run.strip().isdigit():
             key = int(run)
         if isinstance(key, int):

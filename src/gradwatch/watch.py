@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from gradwatch.activations import Activation, activation_for_module
-from gradwatch.errors import ConfigError, WatchError
+from gradwatch.errors import ConfigError, GradientWarning, WatchError
 from gradwatch.stats import (
     ACTIVATION_STATS,
     activation_inputs,
@@ -207,7 +207,7 @@ class Watcher:
         self._last_param_was_conv = False
         self._handles: list[RemovableHandle] = []
         self._armed: list[RemovableHandle] = []
-        self._warned_nonfinite = False
+        self._live_warned: set[str] = set()
         self._attached = True
         self.run_id = store.create_run(run_name, config)
         self.run_name = run_name
@@ -523,14 +523,30 @@ class Watcher:
 
         self.store.add_layer_metrics(self.run_id, ((record.step, lid, vals) for lid, vals in rows.items()))
         self.store.add_scalars(self.run_id, scalars)
-        if nonfinite and self._warn and not self._warned_nonfinite:
-            self._warned_nonfinite = True
-            warnings.warn(
-                f"gradwatch: non-finite gradients in {nonfinite} parameter(s) at step "
-                f"{record.step} of run {self.run_id}; see `gradwatch show {self.run_id}`",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+        if self._warn:
+            self._live_warning(rows, scalars)
+
+    def _live_warning(self, rows: dict[int, list[float | None]], scalars: list[tuple]) -> None:
+        """At most one warning per kind (non-finite, vanishing, exploding) per run."""
+        from gradwatch.diagnose import live_check
+
+        delta = _METRIC_INDEX["delta_rms"]
+        params = sorted(
+            (lay for lay in self._layers if lay.kind == "param" and lay.layer_id in rows),
+            key=lambda lay: lay.layer_id,
+        )
+        deltas = {
+            lay.name: rows[lay.layer_id][delta] for lay in params if rows[lay.layer_id][delta] is not None
+        }
+        found = {name: value for _, name, value in scalars}
+        nonfinite = int(found.get("nonfinite_grads") or 0)
+        text = live_check(deltas, found.get("total_grad_norm"), nonfinite, run_id=self.run_id)
+        if text is None:
+            return
+        kind = text.split(":")[1].strip()
+        if kind not in self._live_warned:
+            self._live_warned.add(kind)
+            warnings.warn(text, GradientWarning, stacklevel=4)
 
     # -- public API --------------------------------------------------------------
 
@@ -713,7 +729,9 @@ def watch(
             are averaged over a fixed random sample of this many inputs per
             activation (standard error at most ``0.5 / sqrt(n)``: 1.1 points for
             2048); 0 averages over every input. Dead fractions are always exact.
-        warn: emit a warning the first time gradients go non-finite.
+        warn: warn (:class:`~gradwatch.errors.GradientWarning`, once per kind per run)
+            when a logged step shows non-finite, vanishing or exploding gradients, by
+            :func:`gradwatch.diagnose.live_check`'s thresholds, pointing to ``gradwatch show``.
         include: watch only these modules: name patterns (``fnmatch``, e.g.
             ``"encoder.layer.*"``) or module types (``nn.Linear``). Default: all.
         exclude: do not watch these modules (same forms). ``total_grad_norm`` always
