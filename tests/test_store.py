@@ -180,3 +180,19 @@ def test_write_queue_is_bounded(store):
         assert store.pending_writes() <= store.max_pending_writes
     store.flush()
     assert len(store.scalars(run)) == 3 * store.max_pending_writes
+
+
+def test_version_1_store_migrates(store_path):
+    with RunStore(store_path):
+        pass
+    conn = sqlite3.connect(store_path)
+    conn.execute("DROP TABLE weight_samples")
+    conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    conn.commit()
+    conn.close()
+    with RunStore(store_path) as s:
+        run = s.create_run("old")
+        assert s.weight_samples(run).empty
+    conn = sqlite3.connect(store_path)
+    assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
+    conn.close()

@@ -580,3 +580,25 @@ def test_live_warning_once_per_kind(store):
         warnings.simplefilter("error")
         with gradwatch.watch(mlp(depth=15, width=16, activation=nn.Sigmoid), every=1, store=store, warn=False) as w2:
             train_steps(w2.model, torch.optim.SGD(w2.model.parameters(), lr=0.1), None, steps=1)
+
+
+def test_weight_samples_follow_the_same_elements(store):
+    torch.manual_seed(0)
+    model = mlp(depth=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen = []
+    with gradwatch.watch(model, opt, every=1, store=store, weight_samples=5) as w:
+        for _ in range(3):
+            seen.append(model[2].weight.detach().clone().reshape(-1))
+            train_steps(model, opt, w, steps=1)
+        run = w.run_id
+    ws = store.weight_samples(run)
+    layer = ws[ws.layer == "2"]
+    assert sorted(layer["index"].unique()) == sorted(layer["index"].unique()[:5]) and layer["index"].nunique() == 5
+    for step in range(3):
+        at = layer[layer.step == step]
+        expected = seen[step][torch.tensor(at["index"].to_numpy())]
+        np.testing.assert_allclose(at.value.to_numpy(), expected.numpy(), rtol=1e-6)
+    assert gradwatch.watch(mlp(), store=store, weight_samples=0).detach() is None
+    with pytest.raises(ConfigError, match="weight_samples=-1"):
+        gradwatch.watch(mlp(), store=store, weight_samples=-1)

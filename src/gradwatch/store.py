@@ -52,7 +52,7 @@ __all__ = [
     "STORE_ENV",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: weight_samples
 STORE_ENV = "GRADWATCH_STORE"
 DEFAULT_STORE = Path("gradwatch-runs") / "gradwatch.db"
 
@@ -107,6 +107,14 @@ CREATE TABLE IF NOT EXISTS scalars (
     name TEXT NOT NULL,
     value REAL,
     PRIMARY KEY (run_id, name, step)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS weight_samples (
+    run_id INTEGER NOT NULL,
+    step INTEGER NOT NULL,
+    layer_id INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    value REAL,
+    PRIMARY KEY (run_id, layer_id, idx, step)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS findings (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -332,7 +340,9 @@ class RunStore:
                 f"{self.path} has schema version {version}, newer than this gradwatch's "
                 f"{SCHEMA_VERSION}; upgrade gradwatch to read it"
             )
-        # Older versions migrate here, one step at a time, when there are any.
+        if version < SCHEMA_VERSION:
+            # 1 -> 2 added the weight_samples table, which the schema script has just created.
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
 
     # -- writing ---------------------------------------------------------------
 
@@ -395,6 +405,15 @@ class RunStore:
             "INSERT OR REPLACE INTO scalars(run_id, step, name, value) VALUES (?, ?, ?, ?)", out
         )
         self._writer_or_start().put("UPDATE runs SET updated_at = ? WHERE id = ?", [(time.time(), run_id)])
+
+    def add_weight_samples(self, run_id: int, rows: Iterable[tuple[int, int, int, float | None]]) -> None:
+        """Queue ``(step, layer_id, index, value)`` rows of tracked individual weights."""
+        out = [(run_id, step, layer_id, idx, _clean(value)) for step, layer_id, idx, value in rows]
+        self._writer_or_start().put(
+            "INSERT OR REPLACE INTO weight_samples(run_id, step, layer_id, idx, value) "
+            "VALUES (?, ?, ?, ?, ?)",
+            out,
+        )
 
     def finish_run(self, run_id: int, status: str = "finished", error: str | None = None) -> None:
         """Flush every queued row, then mark the run ``finished`` or ``failed``."""
@@ -613,6 +632,16 @@ class RunStore:
         wide = df.pivot(index="step", columns="name", values="value").reset_index()
         wide.columns.name = None
         return wide.astype({c: "float64" for c in wide.columns if c != "step"})
+
+    def weight_samples(self, run: int | str) -> pd.DataFrame:
+        """Tracked individual weights: ``step, layer_id, layer, index, value`` (empty if none)."""
+        run_id = self.resolve(run)
+        return self._query(
+            'SELECT w.step, w.layer_id, l.name AS layer, w.idx AS "index", w.value FROM weight_samples w '
+            "JOIN layers l ON l.run_id = w.run_id AND l.layer_id = w.layer_id "
+            "WHERE w.run_id = ? ORDER BY w.layer_id, w.idx, w.step",
+            (run_id,),
+        )
 
     def findings(self, run: int | str) -> pd.DataFrame:
         """Stored findings of a run (empty if none), JSON columns decoded."""

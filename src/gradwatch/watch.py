@@ -99,6 +99,7 @@ class _Step:
     update_norms: Tensor | None = None
     snapshot: list[Tensor] | None = None
     grad_present: list[int] = field(default_factory=list)  # params that had a .grad
+    weight_values: list[tuple[int, Tensor]] = field(default_factory=list)  # (layer id, sampled weights)
     lr: float | Tensor | None = None
     values: dict[str, list[float | Tensor]] = field(default_factory=lambda: defaultdict(list))
     backward_queued: bool = False
@@ -183,6 +184,7 @@ class Watcher:
         include: list[str | type] | None = None,
         exclude: list[str | type] | None = None,
         activation_sample: int = 2048,
+        weight_samples: int = 8,
     ) -> None:
         self.model = model
         self._include, self._exclude = include, exclude
@@ -192,6 +194,8 @@ class Watcher:
         self._should_log = _validate_every(every)
         self._activation_stats = activation_stats
         self._activation_sample = activation_sample
+        self._weight_samples = weight_samples
+        self._tracked_index: dict[int, list[int]] = {}
         self._samples: dict[tuple, Tensor | None] = {}
         self._warn = warn
         self._params: list[Tensor] = [p for p in model.parameters() if p.requires_grad]
@@ -373,6 +377,24 @@ class Watcher:
             record.grad_present = present
             weights = [self._params[i].detach() for i in self._chosen]
             record.weight_norms = _stack(torch._foreach_norm(weights))
+            if self._weight_samples:
+                record.weight_values = [
+                    (self._layer_id(layer), self._tracked_weights(layer))
+                    for layer in self._layers
+                    if layer.params
+                ]
+
+    def _tracked_weights(self, layer: _Layer) -> Tensor:
+        """The same few elements of a layer's weight at every logged step (the seeds' plot)."""
+        flat = self._params[layer.params[0]].detach().reshape(-1)
+        key = ("tracked", layer.name, flat.numel(), flat.device)
+        if key not in self._samples:
+            count = min(self._weight_samples, flat.numel())
+            generator = torch.Generator().manual_seed(len(layer.name) * 7919 + flat.numel())
+            index = torch.randperm(flat.numel(), generator=generator)[:count].sort().values
+            self._samples[key] = index.to(flat.device)
+            self._tracked_index[self._layer_id(layer)] = index.tolist()  # flat element indices, on the host
+        return flat.take(self._samples[key])
 
     def _weight_sample(self, i: int) -> Tensor:
         """A fixed random sample of parameter ``i``'s elements (all of them if few), copied."""
@@ -458,6 +480,7 @@ class Watcher:
             "moments": [(lid, [(gather.add(t), n) for t, n in v]) for lid, v in record.moments.items()],
             "acts": self._activation_stats_of(record, gather),
             "grad": gather.add(record.grad_norms) if record.grad_norms is not None else None,
+            "tracked": [(lid, gather.add(v)) for lid, v in record.weight_values],
             "weight": gather.add(record.weight_norms) if record.weight_norms is not None else None,
             "update": gather.add(record.update_norms) if record.update_norms is not None else None,
             "lr": gather.add(record.lr) if isinstance(record.lr, Tensor) else record.lr,
@@ -522,6 +545,15 @@ class Watcher:
         scalars.append((record.step, "wall_time", now))
 
         self.store.add_layer_metrics(self.run_id, ((record.step, lid, vals) for lid, vals in rows.items()))
+        if plan["tracked"]:
+            self.store.add_weight_samples(
+                self.run_id,
+                [
+                    (record.step, lid, element, host[at + k])
+                    for lid, at in plan["tracked"]
+                    for k, element in enumerate(self._tracked_index[lid])
+                ],
+            )
         self.store.add_scalars(self.run_id, scalars)
         if self._warn:
             self._live_warning(rows, scalars)
@@ -700,6 +732,7 @@ def watch(
     include: Selector | None = None,
     exclude: Selector | None = None,
     activation_sample: int = 2048,
+    weight_samples: int = 8,
 ) -> Watcher:
     """Watch a model's gradient flow; returns a :class:`Watcher` (also a context manager).
 
@@ -729,6 +762,9 @@ def watch(
             are averaged over a fixed random sample of this many inputs per
             activation (standard error at most ``0.5 / sqrt(n)``: 1.1 points for
             2048); 0 averages over every input. Dead fractions are always exact.
+        weight_samples: record the values of this many fixed, randomly chosen
+            elements of each layer's weight at every logged step: the seeds' "plots of
+            weights against epochs" (``RunStore.weight_samples``). 0 turns it off.
         warn: warn (:class:`~gradwatch.errors.GradientWarning`, once per kind per run)
             when a logged step shows non-finite, vanishing or exploding gradients, by
             :func:`gradwatch.diagnose.live_check`'s thresholds, pointing to ``gradwatch show``.
@@ -760,6 +796,8 @@ def watch(
             f"it as the second argument, or leave it out"
         )
     _validate_every(every)
+    if isinstance(weight_samples, bool) or not isinstance(weight_samples, int) or weight_samples < 0:
+        raise ConfigError(f"weight_samples={weight_samples!r}; expected a count >= 0 (0: none)")
     if isinstance(activation_sample, bool) or not isinstance(activation_sample, int) or activation_sample < 0:
         raise ConfigError(
             f"activation_sample={activation_sample!r}; expected a sample size >= 0 (0: every input)"
@@ -808,6 +846,7 @@ def watch(
             include=include_list,
             exclude=exclude_list,
             activation_sample=activation_sample,
+            weight_samples=weight_samples,
         )
     except BaseException:
         if owns:
