@@ -67,3 +67,4 @@ from gradwatch.cli import probe as _probe  # noqa: E402,F401
 from gradwatch.cli import report as _report  # noqa: E402,F401
 from gradwatch.cli import runs as _runs  # noqa: E402,F401
 from gradwatch.cli import theory as _theory  # noqa: E402,F401
+from gradwatch.cli import ui as _ui  # noqa: E402,F401
