@@ -72,6 +72,14 @@ class RunData:
     findings: pd.DataFrame = field(repr=False)
     last_step: float = math.nan
     read_series: Callable[[], pd.DataFrame] | None = field(default=None, repr=False, compare=False)
+    read_weights: Callable[[], pd.DataFrame] | None = field(default=None, repr=False, compare=False)
+
+    @functools.cached_property
+    def weight_samples(self) -> pd.DataFrame:
+        """Tracked individual weights (``RunStore.weight_samples``); empty if none were recorded."""
+        if self.read_weights is None:
+            return pd.DataFrame(columns=["step", "layer_id", "layer", "index", "value"])
+        return self.read_weights()
 
     @functools.cached_property
     def metrics(self) -> pd.DataFrame:
@@ -261,6 +269,16 @@ def _series_reader(source: RunStore | Path, run_id: int, max_points: int) -> Cal
     return read
 
 
+def _weights_reader(source: RunStore | Path, run_id: int) -> Callable[[], pd.DataFrame]:
+    def read() -> pd.DataFrame:
+        if isinstance(source, RunStore):
+            return source.weight_samples(run_id)
+        with open_store(source) as st:
+            return st.weight_samples(run_id)
+
+    return read
+
+
 def _load_run(st: RunStore, source: RunStore | Path, info: dict[str, Any], max_points: int) -> RunData:
     run_id = int(info["id"])
     scalars = st.scalars(run_id, names=SCALARS)
@@ -275,6 +293,7 @@ def _load_run(st: RunStore, source: RunStore | Path, info: dict[str, Any], max_p
         findings=st.findings(run_id),
         last_step=float(info["last_step"]) if pd.notna(info["last_step"]) else math.nan,
         read_series=_series_reader(source, run_id, max_points),
+        read_weights=_weights_reader(source, run_id),
     )
 
 

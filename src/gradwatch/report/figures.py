@@ -405,10 +405,12 @@ def _depth_colorbar(fig: Figure, axes, n_layers: int, label: str) -> None:
 
 @styled
 def weights_figure(data: ReportData, runs: Sequence[int] | None = None) -> Figure:
-    """Figure 5: weight norm per layer relative to its start, and update ratio, against epochs.
+    """Figure 5: individual weights, weight norm per layer and update ratio, against epochs.
 
-    The seeds' detection plot: layers that the gradient does not reach keep their
-    weights (flat lines at 1, tiny update ratios).
+    The seeds' detection plot: a few tracked weights of the first, middle and last
+    layer (``watch(weight_samples=...)``), then every layer's weight norm relative to
+    its start and its update ratio. Layers the gradient does not reach keep their
+    weights: flat lines, norms at 1, tiny update ratios.
 
     Args:
         data: the report's runs.
@@ -418,27 +420,52 @@ def weights_figure(data: ReportData, runs: Sequence[int] | None = None) -> Figur
     if not chosen:
         raise NothingToPlot("no run recorded weight norms (with an optimizer passed to watch())")
     has_update = any(r.weight_layers["update_ratio"].notna().any() for r in chosen)
-    fig = new_figure(11, 3.0 * (2 if has_update else 1) + 0.6)
-    axes = fig.subplots(2 if has_update else 1, len(chosen), squeeze=False, sharex="col")
+    has_samples = any(not r.weight_samples.empty for r in chosen)
+    rows = 1 + int(has_update) + int(has_samples)
+    fig = new_figure(11, 3.0 * rows + 0.6)
+    axes = fig.subplots(rows, len(chosen), squeeze=False, sharex="col")
     n_layers = 1
     for col, run in enumerate(chosen):
         w = run.weight_layers
         n_layers = max(n_layers, w["layer_id"].nunique())
-        _per_layer_lines(axes[0, col], run, w, "weight_norm", relative=True)
-        axes[0, col].set_title(f"run {run.id}: {plain(run.label, 36)}")
+        row = 0
+        if has_samples:
+            _tracked_weight_lines(axes[row, col], run, sorted(w["layer_id"].unique()))
+            axes[row, col].set_title(f"run {run.id}: {plain(run.label, 36)}")
+            row += 1
+        _per_layer_lines(axes[row, col], run, w, "weight_norm", relative=True)
+        if not has_samples:
+            axes[row, col].set_title(f"run {run.id}: {plain(run.label, 36)}")
         if has_update:
-            _per_layer_lines(axes[1, col], run, w, "update_ratio")
-            axes[1, col].set_yscale("log")
+            _per_layer_lines(axes[row + 1, col], run, w, "update_ratio")
+            axes[row + 1, col].set_yscale("log")
         unit = x_axis(run, w["step"].to_numpy()[:1])[1]
         axes[-1, col].set_xlabel(unit)
         integer_ticks(axes[-1, col], unit)
-    axes[0, 0].set_ylabel("‖W‖ / ‖W at start‖")
+    row = 0
+    if has_samples:
+        axes[0, 0].set_ylabel("individual weights\n(first, middle, last layer)")
+        row = 1
+    axes[row, 0].set_ylabel("‖W‖ / ‖W at start‖")
     if has_update:
-        axes[1, 0].set_ylabel("update ratio ‖ΔW‖ / ‖W‖")
+        axes[row + 1, 0].set_ylabel("update ratio ‖ΔW‖ / ‖W‖")
     for ax in axes.ravel():
         ax.grid(alpha=0.25)
     _depth_colorbar(fig, axes.ravel(), n_layers, "weight layer (1 = input side)")
     return fig
+
+
+def _tracked_weight_lines(ax, run: RunData, layer_ids: list[int]) -> None:
+    """The seeds' plot: a few individual weights of the first, middle and last layer over training."""
+    samples = run.weight_samples
+    colors = depth_colors(len(layer_ids))
+    picks = sorted({0, len(layer_ids) // 2, len(layer_ids) - 1})
+    for k in picks:
+        lid = layer_ids[k]
+        one = samples[samples["layer_id"] == lid]
+        for _, series in one.groupby("index"):
+            x, _ = x_axis(run, series["step"].to_numpy())
+            ax.plot(x, series["value"].to_numpy(float), color=colors[k], lw=0.9, alpha=0.85)
 
 
 # --- 6. activation regions -------------------------------------------------------------------

@@ -90,9 +90,9 @@ def _cap_loss(data: ReportData) -> str:
 
 def _cap_weights(data: ReportData) -> str:
     return (
-        "The seeds' second sign: layers the gradient does not reach keep their weights, so their norm "
-        "stays at its start (1) and their update ratio is far below the other layers' (dark lines are "
-        f"layers near the input). Shown: {_featured_names(data)}."
+        "The seeds' second sign: layers the gradient does not reach keep their weights. Their tracked "
+        "individual weights run flat, their norm stays at its start (1) and their update ratio is far "
+        f"below the other layers' (dark lines are layers near the input). Shown: {_featured_names(data)}."
     )
 
 
@@ -148,7 +148,7 @@ SECTIONS = [
         "5. Weights against epochs",
         figures.weights_figure,
         _cap_weights,
-        "Per-layer weight norm relative to its initial value and update ratio against epochs.",
+        "Individual weights, per-layer weight norm relative to its start, and update ratio against epochs.",
     ),
     Section(
         "activation-regions",
@@ -334,9 +334,9 @@ def _finding_html(run: RunData, opened: bool) -> str:
 def _extra(anchor: str, data: ReportData) -> str:
     if anchor == "heatmap":
         return _layer_names(data)
-    if anchor == "weights":
+    if anchor == "weights" and all(r.weight_samples.empty for r in data.runs[:3]):
         return (
-            "<p class='note'>watch() records the norm of each layer's weights, not individual weights; "
+            "<p class='note'>These runs recorded no individual weights (watch(weight_samples=0)); "
             "the norm per layer stands in for the seeds' plot of weights against epochs.</p>"
         )
     if anchor == "fixes":
