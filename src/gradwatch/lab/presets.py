@@ -14,6 +14,7 @@ Presets live in :data:`PRESETS` (name -> preset); :func:`register_preset` adds o
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -45,6 +46,8 @@ __all__ = [
     "load_preset_file",
     "grid_entry",
     "fit_log_ratio_vs_depth",
+    "meanfield_preset",
+    "meanfield_key",
 ]
 
 OPTIMIZERS = ("adam", "sgd")
@@ -559,3 +562,130 @@ def _seed_preset() -> Preset:
 
 
 register_preset(_seed_preset())
+
+
+# --- the meanfield preset ----------------------------------------------------------------------
+
+# Schoenholz et al. 2017, "Deep information propagation", figure 5: tanh networks train up to
+# about 6 xi_c layers, xi_c the correlation depth scale of mean-field theory; the deepest
+# trainable nets sit at the edge of chaos, chi_1 = 1 (sigma_w2 = 1.76 at sigma_b2 = 0.05).
+MEANFIELD_SIGMA_B2 = 0.05
+MEANFIELD_SIGMA_W2 = (0.5, 1.0, 1.5, 1.76, 2.5, 3.0, 4.0)
+MEANFIELD_DEPTHS = (5, 10, 20, 40, 60)
+# Three epochs of Adam: short training, as the paper's heatmap is of a fixed, small budget;
+# the whole grid (35 configurations x 2 seeds) stays within a few minutes on two cores.
+MEANFIELD_TRAIN = TrainSettings(optimizer="adam", lr=1e-3, epochs=3, batch_size=64, every=10)
+TRAINED_ACC = 0.3  # digits has 10 classes: chance is 10%; below 30% a run did not train
+
+
+@functools.lru_cache(maxsize=256)
+def _trainable_depth(activation: str, sigma_w2: float, sigma_b2: float) -> float:
+    from gradwatch.theory import predict  # here, not at import: the lab runs without scipy's cost
+
+    return predict(activation, sigma_w2, sigma_b2).trainable_depth
+
+
+def _trainable_depths(summaries: Mapping[str, ConfigSummary]) -> dict[str, float]:
+    """6 xi_c of each scaled-init configuration's (activation, sigma_w2, sigma_b2)."""
+    return {key: _trainable_depth(s.entry.model.activation, s.entry.model.sigma_w2, s.entry.model.sigma_b2)
+            for key, s in summaries.items() if s.entry.model.init == "scaled"}
+
+
+def _cell(s: ConfigSummary, limit: float) -> str:
+    m = s.entry.model
+    return f"sigma_w2 {m.sigma_w2:g} depth {m.depth} ({_pct(s.test_acc_mean)}, 6 xi_c {limit:.0f})"
+
+
+def _beyond_claim(keys: Sequence[str], min_share: float) -> ClaimCheck:
+    """Of the configurations deeper than 6 xi_c, at least ``min_share`` end below TRAINED_ACC."""
+    def check(summaries: Mapping[str, ConfigSummary], store: RunStore) -> Verdict:
+        chosen = {k: summaries[k] for k in keys}
+        limits = _trainable_depths(chosen)
+        beyond = [k for k in keys if chosen[k].entry.model.depth > limits[k]]
+        trained = [k for k in beyond if chosen[k].test_acc_mean >= TRAINED_ACC]
+        share = 1 - len(trained) / len(beyond) if beyond else math.nan
+        exceptions = "; ".join(_cell(chosen[k], limits[k]) for k in trained) or "none"
+        return Verdict(bool(beyond) and share >= min_share,
+                       f"{len(beyond) - len(trained)} of {len(beyond)} configurations deeper than 6 xi_c "
+                       f"end below {_pct(TRAINED_ACC)} (need >= {_pct(min_share)}); "
+                       f"trained anyway: {exceptions}")
+    return check
+
+
+def _agreement_claim(keys: Sequence[str], min_share: float) -> ClaimCheck:
+    """The 6 xi_c curve classifies at least ``min_share`` of the configurations (trained or not)."""
+    def check(summaries: Mapping[str, ConfigSummary], store: RunStore) -> Verdict:
+        chosen = {k: summaries[k] for k in keys}
+        limits = _trainable_depths(chosen)
+        wrong = [k for k in keys
+                 if (chosen[k].entry.model.depth <= limits[k]) != (chosen[k].test_acc_mean >= TRAINED_ACC)]
+        share = 1 - len(wrong) / len(keys)
+        listing = "; ".join(_cell(chosen[k], limits[k]) for k in wrong) or "none"
+        return Verdict(share >= min_share,
+                       f"{len(keys) - len(wrong)} of {len(keys)} configurations agree "
+                       f"({_pct(share)}, need >= {_pct(min_share)}); disagree: {listing}")
+    return check
+
+
+def _best_near_critical_claim(keys: Sequence[str], sigma_b2: float, factor: float) -> ClaimCheck:
+    """At the largest depth, the best sigma_w2 is within ``factor`` of the critical one."""
+    def check(summaries: Mapping[str, ConfigSummary], store: RunStore) -> Verdict:
+        from gradwatch.theory import critical_sigma_w2
+
+        chosen = [summaries[k] for k in keys]
+        deepest = max(s.entry.model.depth for s in chosen)
+        row = sorted((s for s in chosen if s.entry.model.depth == deepest),
+                     key=lambda s: s.entry.model.sigma_w2)
+        best = max(row, key=lambda s: s.test_acc_mean)
+        critical = critical_sigma_w2(best.entry.model.activation, sigma_b2)
+        w2 = best.entry.model.sigma_w2
+        listing = ", ".join(f"{s.entry.model.sigma_w2:g}: {_pct(s.test_acc_mean)}" for s in row)
+        return Verdict(critical / factor <= w2 <= critical * factor,
+                       f"depth {deepest}: best sigma_w2 {w2:g} ({_pct(best.test_acc_mean)}); critical "
+                       f"{critical:.3g}, need within [{critical / factor:.3g}, {critical * factor:.3g}]; "
+                       f"accuracy by sigma_w2: {listing}")
+    return check
+
+
+def meanfield_key(sigma_w2: float, depth: int) -> str:
+    """The meanfield preset's config key of one grid cell, ``grid/tanh-w<sigma_w2>-d<depth>``."""
+    return f"grid/tanh-w{sigma_w2:g}-d{depth}"
+
+
+def meanfield_preset(
+    sigma_w2: Sequence[float] = MEANFIELD_SIGMA_W2,
+    depths: Sequence[int] = MEANFIELD_DEPTHS,
+    *,
+    train: TrainSettings = MEANFIELD_TRAIN,
+    seeds: int = 2,
+) -> Preset:
+    """The ``meanfield`` preset: tanh MLPs, ``init='scaled'``, sigma_b2 = 0.05, over
+    ``depths`` x ``sigma_w2``, with claims over that grid (smaller grids for tests).
+    """
+    grid = tuple(
+        grid_entry("grid", meanfield_key(w2, d).split("/", 1)[1],
+                   ModelConfig(depth=d, activation="tanh", init="scaled", sigma_w2=w2,
+                               sigma_b2=MEANFIELD_SIGMA_B2), train)
+        for d in depths for w2 in sigma_w2
+    )
+    keys = [e.config_key for e in grid]
+    claims = (
+        Claim(f"tanh nets deeper than 6 xi_c fail to train: >= 80% of them end below "
+              f"{_pct(TRAINED_ACC)} test accuracy (chance 10%)", _beyond_claim(keys, 0.8)),
+        Claim(f"the 6 xi_c curve separates the grid: >= 80% of configurations train (>= {_pct(TRAINED_ACC)}) "
+              "exactly when shallower than 6 xi_c", _agreement_claim(keys, 0.8)),
+        Claim("at the largest depth the best sigma_w2 is near the critical one (chi_1 = 1), "
+              "within a factor 1.5", _best_near_critical_claim(keys, MEANFIELD_SIGMA_B2, 1.5)),
+    )
+    return Preset(
+        name="meanfield",
+        description="tanh trainability over depth x sigma_w2 (scaled init, sigma_b2 0.05, 3 epochs) "
+                    "against mean-field theory's 6 xi_c (Schoenholz et al. 2017); about 3.5 min on 2 cores",
+        grid=grid,
+        claims=claims,
+        dataset="digits",
+        seeds=seeds,
+    )
+
+
+register_preset(meanfield_preset())

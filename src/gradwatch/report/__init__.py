@@ -7,6 +7,7 @@ returning a matplotlib Figure, for notebooks::
     from gradwatch import report
     data = report.load("gradwatch-runs", runs=[3, 4])
     report.gradient_per_layer_figure(data)
+    report.meanfield_figure(report.load(lab_dir="gradwatch-runs/lab-meanfield"))
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from gradwatch.report.figures import (
     weights_figure,
 )
 from gradwatch.report.html import render
+from gradwatch.report.meanfield import meanfield_figure
 from gradwatch.report.verdicts import findings_figure, fixes_figure, theory_figure
 from gradwatch.store import RunStore
 
@@ -46,6 +48,7 @@ __all__ = [
     "fixes_figure",
     "findings_figure",
     "theory_figure",
+    "meanfield_figure",
 ]
 
 REPORT_FILE = "report.html"

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from matplotlib.figure import Figure
 
 from gradwatch import __version__
-from gradwatch.report import figures, verdicts
+from gradwatch.report import figures, meanfield, verdicts
 from gradwatch.report.data import NothingToPlot, ReportData, RunData
 
 __all__ = ["render", "SECTIONS"]
@@ -93,6 +93,21 @@ def _cap_weights(data: ReportData) -> str:
         "The seeds' second sign: layers the gradient does not reach keep their weights. Their tracked "
         "individual weights run flat, their norm stays at its start (1) and their update ratio is far "
         f"below the other layers' (dark lines are layers near the input). Shown: {_featured_names(data)}."
+    )
+
+
+def _cap_meanfield(data: ReportData) -> str:
+    act, b2, table = meanfield.meanfield_grid(data)
+    deepest = table[table["depth"] == table["depth"].max()]
+    best = deepest.loc[deepest["test_acc"].idxmax()]
+    return (
+        f"Each cell is one {act} configuration (σb² = {b2:g}), its test accuracy in percent, mean over "
+        "seeds. Mean-field theory says a network trains only up to about 6 ξ_c layers, ξ_c the depth "
+        "over which inputs stay distinguishable (Schoenholz et al. 2017): cells above the white curve "
+        "should stay near chance, and the curve peaks at the edge of chaos, χ₁ = 1 (dashed line), "
+        "where gradients neither vanish nor explode. Short training trains less than the curve "
+        f"allows. At depth {int(best['depth'])} the best σw² is {best['sigma_w2']:g} "
+        f"({100 * best['test_acc']:.0f}%)."
     )
 
 
@@ -193,6 +208,14 @@ SECTIONS = [
             "decay is exactly what the initialisation must produce."
         ),
         "Log-scale plot of predicted and measured delta RMS per hidden layer, relative to the last.",
+    ),
+    Section(
+        "meanfield",
+        "10. Trainability over depth and σw²: the 6 ξ_c curve",
+        meanfield.meanfield_figure,
+        _cap_meanfield,
+        "Heatmap of test accuracy over weight variance sigma_w^2 (x) and depth (y), with mean-field "
+        "theory's trainable depth 6 xi_c drawn as a curve and the critical sigma_w^2 as a vertical line.",
     ),
 ]
 
