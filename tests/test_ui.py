@@ -307,6 +307,14 @@ def test_a_missing_store_is_an_empty_list_not_an_error(tmp_path):
         assert body["exists"] is False and body["runs"] == []
         assert c.get("/api/runs/1").status_code == 404
         assert "gradwatch live" in c.get("/").text
+    sqlite3.connect(tmp_path / "later.db").close()  # created, no tables yet: still "no runs"
+    assert Follower(tmp_path / "later.db", []).poll() == []
+    with TestClient(create_app(tmp_path / "later.db"), base_url="http://127.0.0.1") as c:
+        assert c.get("/api/runs").json() == {"store": str(tmp_path / "later.db"), "exists": True, "runs": []}
+    (tmp_path / "junk.db").write_text("not a database " * 100)
+    with TestClient(create_app(tmp_path / "junk.db"), base_url="http://127.0.0.1") as c:
+        r = c.get("/api/runs")
+        assert r.status_code == 503 and "file is not a database" in r.json()["error"]
 
 
 # --- following a store as it is written ------------------------------------------------------------
@@ -512,6 +520,12 @@ def test_page_follows_a_training_process_live(ui_store, tmp_path):
             assert time.time() - float(written) <= 2.0
         points = int(browser.find_element(By.ID, "chart-lines").get_attribute("data-points"))
         assert points >= 3
+        legend = (
+            "return document.querySelectorAll('#chart-lines .u-legend .u-series:not(.band-series)').length"
+        )
+        lines_before = browser.execute_script(legend)
+        browser.find_element(By.CSS_SELECTOR, "#layer-picks input:not(:checked)").click()  # one more layer
+        _until(lambda: browser.execute_script(legend) == lines_before + 1, 3, "a chosen layer's line")
 
         png = browser.get_screenshot_as_png()
         (tmp_path / "live.png").write_bytes(png)

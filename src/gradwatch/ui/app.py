@@ -114,14 +114,22 @@ class _Store:
         self.path = path
 
     def read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        """``fn(conn)`` in one read transaction; a store not there (yet) is a 404, one
+        that cannot be read a 503 that says why (never a traceback).
+        """
         if not self.path.exists():
             raise HTTPException(404, f"no run store at {self.path} yet")
-        conn = queries.connect(self.path)
         try:
-            with snapshot(conn):
-                return fn(conn)
-        finally:
-            conn.close()
+            conn = queries.connect(self.path)
+            try:
+                with snapshot(conn):
+                    return fn(conn)
+            finally:
+                conn.close()
+        except sqlite3.DatabaseError as err:
+            if queries.not_ready(err):
+                raise HTTPException(404, f"the store at {self.path} holds no runs yet") from None
+            raise HTTPException(503, f"cannot read the store at {self.path}: {err}") from None
 
 
 class _BucketCache:
@@ -191,7 +199,12 @@ def create_app(
     async def list_runs(request: Request) -> Response:
         if not db.path.exists():
             return _json({"store": str(db.path), "exists": False, "runs": []})
-        runs = await run_in_threadpool(db.read, queries.runs)
+        try:
+            runs = await run_in_threadpool(db.read, queries.runs)
+        except HTTPException as err:
+            if err.status_code != 404:
+                raise
+            runs = []  # created a moment ago: no tables yet
         return _json({"store": str(db.path), "exists": True, "runs": runs})
 
     async def run_detail(request: Request) -> Response:

@@ -13,6 +13,7 @@ replays a little is harmless.
 from __future__ import annotations
 
 import contextlib
+import logging
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from gradwatch.ui import queries
 __all__ = ["Follow", "Follower", "snapshot", "MAX_FOLLOWED"]
 
 MAX_FOLLOWED = 16
+_log = logging.getLogger(__name__)
 # Run rows are re-read when updated within this many seconds before the newest update
 # seen: writers stamp updated_at when they queue a row, not when it commits, so a
 # concurrent writer's earlier stamp may become visible after a later one.
@@ -114,6 +116,16 @@ class Follower:
         """The events since the last call: ``[(name, data)]``, names ``runs``,
         ``layers``, ``metrics``, ``scalars``, ``findings``. Empty when nothing changed.
         """
+        try:
+            return self._poll()
+        except sqlite3.OperationalError as err:
+            # not ready (tables not created yet) or briefly unreadable: look again next time
+            self.close()
+            if not queries.not_ready(err):
+                _log.warning("gradwatch ui: reading %s failed (%s); retrying", self._path, err)
+            return []
+
+    def _poll(self) -> list[tuple[str, dict[str, Any]]]:
         conn = self._connection()
         if conn is None:
             return []

@@ -35,6 +35,7 @@ __all__ = [
     "DEFAULT_POINTS",
     "PAGE_METRICS",
     "connect",
+    "not_ready",
     "bucket_width",
     "runs",
     "run",
@@ -74,6 +75,13 @@ def connect(path: str | Path) -> sqlite3.Connection:
     conn = sqlite3.connect(uri, uri=True, timeout=10.0, check_same_thread=False, isolation_level=None)
     conn.execute("PRAGMA query_only = 1")
     return conn
+
+
+def not_ready(err: sqlite3.DatabaseError) -> bool:
+    """True for the error of a store whose file exists but whose tables do not, yet (a
+    writer has just created it) or ever (another program's SQLite file).
+    """
+    return "no such table" in str(err)
 
 
 def bucket_width(last_step: int | None, points: int = DEFAULT_POINTS) -> int:
