@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import os
+import sys
 import time
 import warnings
 import weakref
@@ -578,7 +580,7 @@ class Watcher:
         kind = text.split(":")[1].strip()
         if kind not in self._live_warned:
             self._live_warned.add(kind)
-            warnings.warn(text, GradientWarning, stacklevel=4)
+            warnings.warn(text, GradientWarning, stacklevel=_user_stacklevel())
 
     # -- public API --------------------------------------------------------------
 
@@ -662,6 +664,17 @@ class Watcher:
     def __repr__(self) -> str:
         state = "attached" if self._attached else "detached"
         return f"<Watcher run {self.run_id} {self.run_name!r}, {len(self._layers)} layers, {state}>"
+
+
+_INTERNAL_DIRS = (os.path.dirname(__file__), os.path.dirname(torch.__file__))
+
+
+def _user_stacklevel() -> int:
+    """Stack level of the first caller outside gradwatch and torch (warnings point at user code)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class _At(int):
