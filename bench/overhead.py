@@ -38,7 +38,10 @@ def tanh_mlp(depth: int = 20, width: int = 256) -> nn.Module:
 
 
 MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[torch.Generator], tuple]]] = {
-    "mlp": (tanh_mlp, lambda g: (torch.randn(128, 256, generator=g), torch.randint(0, 10, (128,), generator=g))),
+    "mlp": (
+        tanh_mlp,
+        lambda g: (torch.randn(128, 256, generator=g), torch.randint(0, 10, (128,), generator=g)),
+    ),
 }
 
 
@@ -60,9 +63,42 @@ def _foreach_floor(model: nn.Module, opt: torch.optim.Optimizer, tmp: Path):
     return opt.register_step_pre_hook(hook)
 
 
+class _NaiveDeltaFloor:
+    """PEERS.md's naive floor for deltas: a forward hook and a tensor hook (RMS of dL/d output) on
+    every parameterised module, plus foreach norms of the gradients, one transfer per step."""
+
+    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer) -> None:
+        self.values: list[torch.Tensor] = []
+        self.handles = [
+            m.register_forward_hook(self._forward)
+            for m in model.modules()
+            if any(True for _ in m.parameters(recurse=False))
+        ]
+        params = list(model.parameters())
+
+        def step(optimizer, args, kwargs):
+            norms = torch._foreach_norm([p.grad for p in params])
+            torch.stack([*norms, *self.values]).cpu()
+            self.values.clear()
+
+        self.handles.append(opt.register_step_pre_hook(step))
+
+    def _forward(self, module, args, output):
+        if output.requires_grad:
+            output.register_hook(self._grad)
+
+    def _grad(self, grad):
+        self.values.append(grad.pow(2).mean().sqrt())
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 VARIANTS = [
     Variant("unwatched", None),
     Variant("torch._foreach_norm floor", _foreach_floor),
+    Variant("naive delta floor (hooks + norms)", lambda m, o, tmp: _NaiveDeltaFloor(m, o)),
     Variant("gradwatch every step", lambda m, o, tmp: gradwatch.watch(m, o, every=1, store=tmp / "every.db")),
     Variant(
         f"gradwatch default (every {gradwatch.watch.__kwdefaults__['every']})",
@@ -108,7 +144,9 @@ def time_variant(variant: Variant, model_name: str, steps: int, warmup: int, tmp
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="mlp", choices=sorted(MODELS))
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=60)
@@ -129,7 +167,11 @@ def main() -> None:
             for name, t in this_round.items():
                 times[name].append(t)
                 ratios[name].append(t / this_round["unwatched"])
-            print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {t * 1e3:.2f} ms" for n, t in this_round.items()), flush=True)
+            print(
+                f"round {r + 1}/{args.rounds}: "
+                + ", ".join(f"{n} {t * 1e3:.2f} ms" for n, t in this_round.items()),
+                flush=True,
+            )
 
     rows = []
     for v in VARIANTS:
@@ -143,7 +185,10 @@ def main() -> None:
                 "median_step_ms": statistics.median(times[v.name]) * 1e3,
             }
         )
-    print(f"\n{args.model}: {args.rounds} interleaved rounds x {args.steps} steps, {args.threads} threads, torch {torch.__version__}\n")
+    print(
+        f"\n{args.model}: {args.rounds} interleaved rounds x {args.steps} steps, "
+        f"{args.threads} threads, torch {torch.__version__}\n"
+    )
     print("| variant | step (ms) | ratio to unwatched, median | min | max |")
     print("|---|---|---|---|---|")
     for row in rows:
