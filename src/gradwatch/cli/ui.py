@@ -43,4 +43,7 @@ def ui(
     )
     if open_browser:
         threading.Timer(0.5, webbrowser.open, args=(server.url,)).start()
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down for
+        console.print("gradwatch ui: stopped", highlight=False)
