@@ -63,9 +63,9 @@
     box.addEventListener("click", (e) => e.stopPropagation());
     box.addEventListener("change", () => toggleCompare(row.id, box.checked));
     const top = el("div", "line1");
-    top.append(el("span", "name"), el("span", "badge"));
+    top.append(el("span", "name"));
     const bottom = el("div", "line2");
-    bottom.append(el("span", "rid"), el("span", "steps"));
+    bottom.append(el("span", "rid"), el("span", "badge"), el("span", "steps"));
     const text = el("div", "text");
     text.append(top, bottom);
     li.append(box, text);
