@@ -12,6 +12,7 @@ import math
 import os
 import queue
 import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -391,6 +392,14 @@ def test_real_server_streams_rows_and_serves_only_its_static_files(ui_store):
     assert not server.running
     server.stop()  # idempotent
 
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]
+    first = serve_in_background(path, port=port)
+    try:  # a script that trains several runs keeps one page
+        assert serve_in_background(path, port=port) is first
+    finally:
+        first.stop()
+
 
 # --- the command line ---------------------------------------------------------------------------------
 
@@ -407,8 +416,6 @@ def test_cli_serves_locally_and_warns_for_other_hosts(monkeypatch, ui_store):
     assert "warning" not in result.output and served[0].startswith("http://127.0.0.1:")
     result = runner.invoke(app, ["ui", "--store", str(path), "--port", "0", "--host", "0.0.0.0"])
     assert result.exit_code == 0 and "warning: serving on 0.0.0.0" in result.output
-
-    import socket
 
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
