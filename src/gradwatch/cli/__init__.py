@@ -62,6 +62,7 @@ def main(
 
 
 # Command modules register themselves on `app` when imported.
+from gradwatch.cli import export as _export  # noqa: E402,F401
 from gradwatch.cli import lab as _lab  # noqa: E402,F401
 from gradwatch.cli import probe as _probe  # noqa: E402,F401
 from gradwatch.cli import report as _report  # noqa: E402,F401

@@ -15,6 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from gradwatch.cli import app, console, err_console, handle_errors
+from gradwatch.integrations.ray import cli_backend
 from gradwatch.lab.presets import PRESETS, get_preset
 from gradwatch.lab.runner import LabInterrupted, LabResult, RunEvent, run_lab
 from gradwatch.report import report
@@ -106,12 +107,16 @@ def lab(
     = None,
     out: Annotated[Path | None, typer.Option(help="Output directory [default: gradwatch-runs/lab-PRESET].")]
     = None,
+    backend: Annotated[str, typer.Option(help="Where runs execute: local (processes) or ray.")] = "local",
+    address: Annotated[str | None, typer.Option(help="Ray cluster: auto or HOST:PORT [default: local].")]
+    = None,
     list_presets: Annotated[bool, typer.Option("--list", help="List the presets and exit.")] = False,
 ) -> None:
     """Run a preset's grid of watched trainings, check its claims and write the report."""
     if list_presets:
         _list_presets()
         return
+    runner = cli_backend(backend, address, workers)
     spec = get_preset(preset)
     n_seeds = spec.seeds if seeds is None else seeds
     total = len(spec.grid) * n_seeds if isinstance(n_seeds, int) and n_seeds > 0 else 0
@@ -120,7 +125,7 @@ def lab(
         with Progress(*columns, console=console) as progress:
             display = _Display(progress, total, f"lab '{spec.name}'")
             result = run_lab(spec, dataset=dataset, seeds=seeds, epochs=epochs, workers=workers, out=out,
-                             notify=display)
+                             backend=runner, notify=display)
     except LabInterrupted as err:
         err_console.print(f"[bold yellow]{err}[/]", highlight=False)
         raise typer.Exit(130) from None
