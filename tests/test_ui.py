@@ -577,3 +577,21 @@ def test_page_follows_a_training_process_live(ui_store, tmp_path):
         server.stop()
         trainer.kill()
         trainer.wait()
+
+
+def test_watch_ui_true_serves_the_run(tmp_path):
+    import urllib.request
+
+    import torch
+    from torch import nn
+
+    import gradwatch
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    with gradwatch.watch(model, store=tmp_path / "ui.db", every=1, ui=0) as w:
+        model(torch.randn(3, 4)).sum().backward()
+        w.flush()
+        assert w.ui is not None and w.ui.running
+        with urllib.request.urlopen(f"{w.ui.url.rstrip('/')}/api/runs/{w.run_id}", timeout=10) as response:
+            assert response.status == 200
+    w.ui.stop()

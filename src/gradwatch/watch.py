@@ -215,6 +215,7 @@ class Watcher:
         self._armed: list[RemovableHandle] = []
         self._live_warned: set[str] = set()
         self._attached = True
+        self.ui = None  # the live page's server when watch(ui=...) started one
         self.run_id = store.create_run(run_name, config)
         self.run_name = run_name
 
@@ -746,6 +747,7 @@ def watch(
     exclude: Selector | None = None,
     activation_sample: int = 2048,
     weight_samples: int = 8,
+    ui: bool | int = False,
 ) -> Watcher:
     """Watch a model's gradient flow; returns a :class:`Watcher` (also a context manager).
 
@@ -775,6 +777,10 @@ def watch(
             are averaged over a fixed random sample of this many inputs per
             activation (standard error at most ``0.5 / sqrt(n)``: 1.1 points for
             2048); 0 averages over every input. Dead fractions are always exact.
+        ui: serve the live page beside training (``True``: port 8765, or a port
+            number, 0 for any free one), in a background thread of this process; its address is printed.
+            A failure to start it (port taken, ``gradwatch[ui]`` not installed) warns
+            and training goes on. ``gradwatch ui`` in its own process does the same.
         weight_samples: record the values of this many fixed, randomly chosen
             elements of each layer's weight at every logged step: the seeds' "plots of
             weights against epochs" (``RunStore.weight_samples``). 0 turns it off.
@@ -846,7 +852,7 @@ def watch(
         },
     )
     try:
-        return Watcher(
+        watcher = Watcher(
             model,
             optimizer,
             every=every,
@@ -865,3 +871,20 @@ def watch(
         if owns:
             run_store.close()
         raise
+    if ui is True or (isinstance(ui, int) and not isinstance(ui, bool)):  # ui=0: any free port
+        _start_ui(watcher, 8765 if ui is True else ui)
+    return watcher
+
+
+def _start_ui(watcher: Watcher, port: int) -> None:
+    from gradwatch.errors import GradwatchError
+
+    try:
+        from gradwatch.ui import serve_in_background
+
+        server = serve_in_background(watcher.store.path, port=port)
+    except (GradwatchError, ImportError, OSError) as err:
+        warnings.warn(f"gradwatch: live view not started: {err}", stacklevel=3)
+        return
+    watcher.ui = server
+    print(f"gradwatch: live view at {server.url}#run={watcher.run_id}", file=sys.stderr)
