@@ -23,7 +23,9 @@ def store(store_path):
     s.close()
 
 
-def mlp(depth: int = 4, width: int = 16, activation: type[nn.Module] = nn.Tanh, d_in: int = 8, d_out: int = 3):
+def mlp(
+    depth: int = 4, width: int = 16, activation: type[nn.Module] = nn.Tanh, d_in: int = 8, d_out: int = 3
+):
     layers: list[nn.Module] = []
     n = d_in
     for _ in range(depth):
@@ -33,7 +35,16 @@ def mlp(depth: int = 4, width: int = 16, activation: type[nn.Module] = nn.Tanh, 
     return nn.Sequential(*layers)
 
 
-def train_steps(model, optimizer, watcher=None, steps: int = 3, batch: int = 32, d_in: int = 8, d_out: int = 3, seed: int = 0):
+def train_steps(
+    model,
+    optimizer,
+    watcher=None,
+    steps: int = 3,
+    batch: int = 32,
+    d_in: int = 8,
+    d_out: int = 3,
+    seed: int = 0,
+):
     g = torch.Generator().manual_seed(seed)
     losses = []
     for _ in range(steps):

@@ -15,7 +15,10 @@ def test_derivative_matches_autograd(name):
     (g,) = torch.autograd.grad(act.phi(x).sum(), x)
     torch.testing.assert_close(act.derivative(x.detach()), g, atol=1e-12, rtol=0)
     # max_derivative is the true maximum of |phi'| (to 1e-6)
-    assert abs(act.derivative(x.detach()).abs().max().item() - act.max_derivative) < 1e-6 * max(1, act.max_derivative) + 1e-9
+    assert (
+        abs(act.derivative(x.detach()).abs().max().item() - act.max_derivative)
+        < 1e-6 * max(1, act.max_derivative) + 1e-9
+    )
 
 
 def test_sigmoid_bound_and_green_region():

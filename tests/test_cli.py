@@ -40,7 +40,9 @@ def test_runs_and_show(store_path):
     assert "step 1" in result.output and "hidden" not in result.output
     assert "receive a gradient over 1000x weaker than the last layer's" in result.output
     # by name too, and a chosen step
-    result = runner.invoke(app, ["show", "<b>deep</b>", "--step", "0", "--store", str(store_path)], env={"COLUMNS": "150"})
+    result = runner.invoke(
+        app, ["show", "<b>deep</b>", "--step", "0", "--store", str(store_path)], env={"COLUMNS": "150"}
+    )
     assert result.exit_code == 0 and "step 0" in result.output
 
 

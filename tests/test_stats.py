@@ -1,12 +1,16 @@
 import math
 
+import pytest
 import torch
 
-from gradwatch.activations import get_activation
-import pytest
-
-from gradwatch.activations import activation_names
-from gradwatch.stats import activation_region_stats, moments_from_sums, output_moments, sample_index, squared_norm
+from gradwatch.activations import activation_names, get_activation
+from gradwatch.stats import (
+    activation_region_stats,
+    moments_from_sums,
+    output_moments,
+    sample_index,
+    squared_norm,
+)
 
 
 def test_squared_norm_and_moments():
@@ -31,7 +35,12 @@ def test_sigmoid_regions_on_constructed_inputs():
 def test_relu_dead_units_and_no_saturation():
     # batch of 4, 5 units; units 1 and 3 are negative for every sample: dead
     x = torch.tensor(
-        [[1.0, -1.0, 2.0, -3.0, 0.5], [-1.0, -2.0, 1.0, -1.0, 0.5], [2.0, -0.5, -1.0, -0.1, -1.0], [1.0, -3.0, 1.0, -2.0, 1.0]]
+        [
+            [1.0, -1.0, 2.0, -3.0, 0.5],
+            [-1.0, -2.0, 1.0, -1.0, 0.5],
+            [2.0, -0.5, -1.0, -0.1, -1.0],
+            [1.0, -3.0, 1.0, -2.0, 1.0],
+        ]
     )
     sat, green, dead, mean_d = activation_region_stats(x, get_activation("relu")).tolist()
     assert math.isnan(sat)  # ReLU has no flat tails: its zero side is measured as dead
@@ -77,7 +86,9 @@ def test_dead_shortcut_equals_full_computation(name):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 40, generator=g) * 3
     x[:, :10] = -200 - torch.rand(64, 10, generator=g)  # dead for ReLU-likes
-    x[:, 10:20] = 200 + torch.rand(64, 10, generator=g)  # dead for sigmoid/tanh/softsign (flat, phi' = 0 in float32)
+    x[:, 10:20] = 200 + torch.rand(
+        64, 10, generator=g
+    )  # dead for sigmoid/tanh/softsign (flat, phi' = 0 in float32)
     got = activation_region_stats(x, act).tolist()
     want = _exact(x, act)
     assert got[2] == pytest.approx(want[2], abs=1e-7)
@@ -104,7 +115,11 @@ def test_batched_stats_equal_one_by_one(name):
 
     act = get_activation(name)
     g = torch.Generator().manual_seed(3)
-    xs = [torch.randn(32, 20, generator=g) * 3, torch.randn(8, 4, 5, 5, generator=g), torch.randn(600, 16, generator=g)]
+    xs = [
+        torch.randn(32, 20, generator=g) * 3,
+        torch.randn(8, 4, 5, 5, generator=g),
+        torch.randn(600, 16, generator=g),
+    ]
     xs[0][:, :5] = -300.0
     xs[1][:, 1] = 300.0
     idx = sample_index(xs[2].numel(), 4096, xs[2].device)
@@ -113,4 +128,6 @@ def test_batched_stats_equal_one_by_one(name):
         s = idx if x is xs[2] else None
         kept.append(activation_inputs(x, act, channels_first=cf, sample=s))
         single.append(activation_region_stats(x, act, channels_first=cf, sample=s))
-    torch.testing.assert_close(batched_region_stats(kept, act), torch.stack(single), equal_nan=True, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        batched_region_stats(kept, act), torch.stack(single), equal_nan=True, atol=1e-6, rtol=1e-5
+    )

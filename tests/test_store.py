@@ -19,7 +19,9 @@ def test_wal_mode_and_schema_version(store_path):
         pass
     conn = sqlite3.connect(store_path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
+    assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(
+        SCHEMA_VERSION
+    )
     conn.close()
 
 
@@ -164,8 +166,18 @@ def test_findings_roundtrip(store):
     run = store.create_run("r")
     store.add_findings(
         run,
-        [{"kind": "vanishing", "severity": "error", "first_step": 0, "last_step": 9, "layers": ["fc1"],
-          "evidence": {"ratio": 1e-9}, "explanation": "the product of derivatives", "prescriptions": [{"fix": "relu"}]}],
+        [
+            {
+                "kind": "vanishing",
+                "severity": "error",
+                "first_step": 0,
+                "last_step": 9,
+                "layers": ["fc1"],
+                "evidence": {"ratio": 1e-9},
+                "explanation": "the product of derivatives",
+                "prescriptions": [{"fix": "relu"}],
+            }
+        ],
     )
     f = store.findings(run)
     assert f.kind.tolist() == ["vanishing"] and f.evidence[0] == {"ratio": 1e-9} and f.layers[0] == ["fc1"]
@@ -194,5 +206,7 @@ def test_version_1_store_migrates(store_path):
         run = s.create_run("old")
         assert s.weight_samples(run).empty
     conn = sqlite3.connect(store_path)
-    assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
+    assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(
+        SCHEMA_VERSION
+    )
     conn.close()

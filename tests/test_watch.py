@@ -44,7 +44,13 @@ def test_grad_norms_match_torch(store):
     for _ in range(3):
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
-        expected.append({name: torch.linalg.vector_norm(m.weight.grad).item() for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+        expected.append(
+            {
+                name: torch.linalg.vector_norm(m.weight.grad).item()
+                for name, m in model.named_modules()
+                if isinstance(m, nn.Linear)
+            }
+        )
         totals.append(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]).item())
         opt.step()
     m = watcher.metrics()
@@ -93,7 +99,9 @@ def test_update_ratio_and_lr(store):
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
-        expected = (torch.linalg.vector_norm(model[0].weight.detach() - before) / torch.linalg.vector_norm(before)).item()
+        expected = (
+            torch.linalg.vector_norm(model[0].weight.detach() - before) / torch.linalg.vector_norm(before)
+        ).item()
         m, s = w.metrics(), w.scalars()
     assert rel(m.set_index("layer").loc["0", "update_ratio"], expected) < 1e-5
     assert s.loc[0, "lr"] == pytest.approx(0.1)
@@ -160,14 +168,27 @@ def test_resnet_with_inplace_relu_matches_out_of_place(tmp_path):
     a, b = frames
     assert list(a.layer) == list(b.layer)
     assert a.delta_rms.notna().sum() == 1 + 4 * 2 + 1  # every conv, bn and the head
-    cols = ["grad_norm", "delta_rms", "output_mean", "output_std", "green_frac", "dead_frac", "mean_derivative"]
+    cols = [
+        "grad_norm",
+        "delta_rms",
+        "output_mean",
+        "output_std",
+        "green_frac",
+        "dead_frac",
+        "mean_derivative",
+    ]
     np.testing.assert_allclose(a[cols].to_numpy(), b[cols].to_numpy(), rtol=1e-5, atol=1e-7)
 
 
 def test_small_bert_from_config(store):
     transformers = pytest.importorskip("transformers")
     config = transformers.BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_labels=3
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=3,
     )
     torch.manual_seed(0)
     model = transformers.BertForSequenceClassification(config)
@@ -179,7 +200,11 @@ def test_small_bert_from_config(store):
             opt.zero_grad()
             out = model(input_ids=ids, labels=labels)
             out.loss.backward()
-            grads = {n: torch.linalg.vector_norm(m.weight.grad).item() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+            grads = {
+                n: torch.linalg.vector_norm(m.weight.grad).item()
+                for n, m in model.named_modules()
+                if isinstance(m, nn.Linear)
+            }
             opt.step()
             w.log(loss=out.loss)
         m = w.metrics()
@@ -256,7 +281,13 @@ def test_gradient_accumulation_is_one_step(store):
         m, s = w.metrics(), w.scalars()
     assert list(s.step) == [0] and list(m.step.unique()) == [0]
     assert rel(s.total_grad_norm[0], total) < 1e-6
-    assert rel(m.set_index("layer").loc["6", "grad_norm"], torch.linalg.vector_norm(reference[-1].weight.grad).item()) < 1e-6
+    assert (
+        rel(
+            m.set_index("layer").loc["6", "grad_norm"],
+            torch.linalg.vector_norm(reference[-1].weight.grad).item(),
+        )
+        < 1e-6
+    )
     assert rel(m.set_index("layer").loc["6", "delta_rms"], math.sqrt(sq / n)) < 1e-6
 
 
@@ -281,7 +312,9 @@ def test_tied_weights_and_frozen_parameters(store):
     with gradwatch.watch(model, opt, every=1, store=store) as w:
         opt.zero_grad()
         nn.functional.cross_entropy(model(ids).reshape(-1, 20), ids.reshape(-1)).backward()
-        total = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]).item()
+        total = torch.nn.utils.get_total_norm(
+            [p.grad for p in model.parameters() if p.grad is not None]
+        ).item()
         shared = torch.linalg.vector_norm(model.emb.weight.grad).item()
         opt.step()
         m, s = w.metrics().set_index("layer"), w.scalars()
@@ -372,7 +405,8 @@ def test_detach_restores_hooks_and_numbers_are_bit_identical(store):
     watched = resnet(inplace=True)
     plain = copy.deepcopy(watched)
     before = [
-        (dict(m._forward_hooks), dict(m._forward_pre_hooks), dict(m._backward_hooks)) for m in watched.modules()
+        (dict(m._forward_hooks), dict(m._forward_pre_hooks), dict(m._backward_hooks))
+        for m in watched.modules()
     ]
     opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (watched, plain)]
     w = gradwatch.watch(watched, opts[0], every=1, store=store)
@@ -391,7 +425,10 @@ def test_detach_restores_hooks_and_numbers_are_bit_identical(store):
         assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1], strict=True))
     w.detach()
     assert hook_count(watched) == 0
-    after = [(dict(m._forward_hooks), dict(m._forward_pre_hooks), dict(m._backward_hooks)) for m in watched.modules()]
+    after = [
+        (dict(m._forward_hooks), dict(m._forward_pre_hooks), dict(m._backward_hooks))
+        for m in watched.modules()
+    ]
     assert after == before
     assert len(opts[0]._optimizer_step_pre_hooks) == 0 and len(opts[0]._optimizer_step_post_hooks) == 0
     w.detach()  # a second detach is a no-op
@@ -575,10 +612,14 @@ def test_live_warning_once_per_kind(store):
             train_steps(model, opt, w, steps=4)
     ours = [c for c in caught if issubclass(c.category, GradientWarning)]
     assert len(ours) == 1
-    assert "vanishing gradients" in str(ours[0].message) and f"gradwatch show {w.run_id}" in str(ours[0].message)
+    assert "vanishing gradients" in str(ours[0].message) and f"gradwatch show {w.run_id}" in str(
+        ours[0].message
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with gradwatch.watch(mlp(depth=15, width=16, activation=nn.Sigmoid), every=1, store=store, warn=False) as w2:
+        with gradwatch.watch(
+            mlp(depth=15, width=16, activation=nn.Sigmoid), every=1, store=store, warn=False
+        ) as w2:
             train_steps(w2.model, torch.optim.SGD(w2.model.parameters(), lr=0.1), None, steps=1)
 
 
@@ -594,7 +635,10 @@ def test_weight_samples_follow_the_same_elements(store):
         run = w.run_id
     ws = store.weight_samples(run)
     layer = ws[ws.layer == "2"]
-    assert sorted(layer["index"].unique()) == sorted(layer["index"].unique()[:5]) and layer["index"].nunique() == 5
+    assert (
+        sorted(layer["index"].unique()) == sorted(layer["index"].unique()[:5])
+        and layer["index"].nunique() == 5
+    )
     for step in range(3):
         at = layer[layer.step == step]
         expected = seen[step][torch.tensor(at["index"].to_numpy())]
