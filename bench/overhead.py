@@ -197,7 +197,7 @@ def main() -> None:
             f"{row['min_ratio']:.3f}x | {row['max_ratio']:.3f}x |"
         )
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"overhead-{args.model}.json"
+    out = RESULTS / f"overhead-{args.model}-{args.threads}threads.json"
     out.write_text(
         json.dumps(
             {
