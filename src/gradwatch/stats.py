@@ -114,34 +114,10 @@ def activation_region_stats(
     Returns:
         A float32 tensor of 4 values in the order of :data:`ACTIVATION_STATS`.
     """
-    x = x.detach()
-    if not x.is_floating_point():
-        x = x.float()
-    m = activation.max_derivative
-    xs = x.reshape(-1) if sample is None else x.reshape(-1).take(sample)
-    d = activation.derivative(xs).abs()
-    green = (d >= green_fraction * m).sum() / d.numel()
-    mean_derivative = d.mean(dtype=torch.float32)
-    if activation.saturating:
-        saturated = (d < saturation_fraction * m).sum() / d.numel()
-    else:
-        saturated = torch.full((), float("nan"), device=x.device)
-    dead = _dead_fraction(x, activation, channels_first)
-    return torch.stack([saturated.float(), green.float(), dead.float(), mean_derivative.float()])
-
-
-def _dead_fraction(x: Tensor, activation: Activation, channels_first: bool) -> Tensor:
-    if x.ndim < 2:
-        return (activation.derivative(x).abs().amax() <= 0).float()
-    dim = unit_dim(x.ndim, channels_first)
-    reduce_dims = [i for i in range(x.ndim) if i != dim]
-    if activation.peak == "max":
-        best = activation.derivative(x.amax(dim=reduce_dims)).abs()
-    elif activation.peak == "min_abs":
-        best = activation.derivative(x.abs().amin(dim=reduce_dims)).abs()
-    else:
-        best = activation.derivative(x).abs().amax(dim=reduce_dims)
-    return (best <= 0).float().mean()
+    kept = activation_inputs(x, activation, channels_first=channels_first, sample=sample)
+    return batched_region_stats(
+        [kept], activation, saturation_fraction=saturation_fraction, green_fraction=green_fraction
+    )[0]
 
 
 def activation_inputs(
