@@ -210,3 +210,25 @@ def test_version_1_store_migrates(store_path):
         SCHEMA_VERSION
     )
     conn.close()
+
+
+def test_version_2_store_gains_the_v3_metric_columns(store_path):
+    with RunStore(store_path) as s:
+        s.create_run("v2")
+    conn = sqlite3.connect(store_path)
+    for metric in ("grad_norm_max", "grad_norm_min", "input_q15", "input_q50", "input_q85"):
+        conn.execute(f"ALTER TABLE layer_metrics DROP COLUMN {metric}")
+    conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    conn.commit()
+    conn.close()
+    with RunStore(store_path) as s:
+        run = s.create_run("v3")
+        s.add_layers(run, [(0, "fc", "Linear", "param", None)])
+        values = [None] * len(LAYER_METRICS)
+        values[LAYER_METRICS.index("grad_norm_max")] = 2.5
+        s.add_layer_metrics(run, [(0, 0, values)])
+        s.flush()
+        assert s.metrics(run)["grad_norm_max"].tolist() == [2.5]
+    conn = sqlite3.connect(store_path)
+    assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "3"
+    conn.close()

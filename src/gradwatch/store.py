@@ -52,7 +52,7 @@ __all__ = [
     "STORE_ENV",
 ]
 
-SCHEMA_VERSION = 2  # 2: weight_samples
+SCHEMA_VERSION = 3  # 2: weight_samples; 3: windowed grad-norm extremes, activation input quantiles
 STORE_ENV = "GRADWATCH_STORE"
 DEFAULT_STORE = Path("gradwatch-runs") / "gradwatch.db"
 
@@ -67,6 +67,14 @@ LAYER_METRICS = (
     "green_frac",
     "dead_frac",
     "mean_derivative",
+    # v3: the extremes of grad_norm over the steps since the previous logged step
+    # (a spike between two logged steps is never lost), and quantiles of an
+    # activation's inputs (Ioffe & Szegedy 2015, Figure 1).
+    "grad_norm_max",
+    "grad_norm_min",
+    "input_q15",
+    "input_q50",
+    "input_q85",
 )
 
 _SCHEMA = f"""
@@ -341,7 +349,12 @@ class RunStore:
                 f"{SCHEMA_VERSION}; upgrade gradwatch to read it"
             )
         if version < SCHEMA_VERSION:
-            # 1 -> 2 added the weight_samples table, which the schema script has just created.
+            # 1 -> 2 added the weight_samples table, which the schema script has just created;
+            # 2 -> 3 added metric columns to layer_metrics.
+            have = {row[1] for row in conn.execute("PRAGMA table_info(layer_metrics)")}
+            for metric in LAYER_METRICS:
+                if metric not in have:
+                    conn.execute(f"ALTER TABLE layer_metrics ADD COLUMN {metric} REAL")
             conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
 
     # -- writing ---------------------------------------------------------------
@@ -381,9 +394,19 @@ class RunStore:
         )
 
     def add_layer_metrics(self, run_id: int, rows: Iterable[tuple[int, int, Sequence[float | None]]]) -> None:
-        """Queue ``(step, layer_id, values)`` rows; ``values`` follow :data:`LAYER_METRICS`."""
+        """Queue ``(step, layer_id, values)`` rows; ``values`` follow :data:`LAYER_METRICS`.
+
+        A shorter ``values`` (written for an older schema) leaves the metrics after it NULL.
+        """
         out = []
+        width = len(LAYER_METRICS)
         for step, layer_id, values in rows:
+            if len(values) > width:
+                raise StoreError(
+                    f"a layer row has {len(values)} values; expected at most {width}, one per "
+                    f"LAYER_METRICS ({', '.join(LAYER_METRICS)})"
+                )
+            values = list(values) + [None] * (width - len(values))
             flags = 0
             clean = []
             for i, v in enumerate(values):
