@@ -46,7 +46,19 @@ class DataError(GradwatchError, ValueError):
 
 
 class TrainingStopped(GradwatchError):
-    """Raised from inside training when an alert rule asks to stop (e.g. first NaN gradient)."""
+    """Raised from inside training when an alert rule asks to stop (e.g. first NaN gradient).
+
+    Everything recorded up to the stop is in the store, and the run's status is
+    ``stopped``. Attributes: ``alert`` (a :class:`gradwatch.alerts.Alert`), and its
+    ``kind``, ``step`` and ``layer``.
+    """
+
+    def __init__(self, alert) -> None:
+        super().__init__(alert.message)
+        self.alert = alert
+        self.kind = alert.kind
+        self.step = alert.step
+        self.layer = alert.layer
 
 
 class GradientWarning(RuntimeWarning):

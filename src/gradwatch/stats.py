@@ -24,6 +24,8 @@ __all__ = [
     "sample_index",
     "unit_dim",
     "ACTIVATION_STATS",
+    "INPUT_QUANTILES",
+    "input_quantiles",
 ]
 
 # Order of the values returned by `activation_region_stats`.
@@ -176,6 +178,32 @@ def batched_region_stats(
     dead_counts = _segment_sums((best <= 0).float().unsqueeze(0), unit_sizes)[0]
     dead = dead_counts / torch.tensor(unit_sizes, device=device, dtype=torch.float32)
     return torch.stack([saturated, sums[1], dead, sums[2]], dim=1)
+
+
+INPUT_QUANTILES = (0.15, 0.5, 0.85)
+# torch.quantile takes at most 2**24 elements; an unsampled input is thinned to this many.
+_QUANTILE_CAP = 1 << 16
+
+
+def input_quantiles(inputs: list[Tensor], q: tuple[float, ...] = INPUT_QUANTILES) -> Tensor:
+    """The ``q`` quantiles of each tensor of ``inputs`` (an activation's kept inputs).
+
+    Ioffe & Szegedy (2015), Figure 1, plot the 15th, 50th and 85th percentiles of a
+    sigmoid's input over training: without batch normalisation they drift into the
+    flat tails. Returns a float32 ``(len(inputs), len(q))`` tensor (linear
+    interpolation, as :func:`torch.quantile`); an input longer than 65,536 values is
+    thinned by a fixed stride first.
+    """
+    flat = []
+    for x in inputs:
+        x = x.reshape(-1).float()
+        if x.numel() > _QUANTILE_CAP:
+            x = x[:: -(-x.numel() // _QUANTILE_CAP)]
+        flat.append(x)
+    levels = torch.tensor(q, device=flat[0].device, dtype=torch.float32)
+    if len({x.numel() for x in flat}) == 1:
+        return torch.quantile(torch.stack(flat), levels, dim=1).T
+    return torch.stack([torch.quantile(x, levels) for x in flat])
 
 
 def _segment_sums(values: Tensor, sizes: list[int]) -> Tensor:

@@ -17,11 +17,20 @@ How it hooks the model (and why):
 * A forward *pre*-hook on each known activation module measures its inputs
   (saturated, green, dead fractions, mean phi'): the pre-hook sees the input
   before an in-place activation overwrites it.
-* Optimizer step pre/post hooks (when an optimizer is given) take weight-gradient
-  norms once per optimizer step on the accumulated (and, with a GradScaler,
-  unscaled) gradient, and the update ratio ``||w_after - w_before|| / ||w_before||``.
-  Without an optimizer, every training forward starts a step and gradient norms
-  are taken at the end of its backward.
+* At the end of every backward pass of a training step (a ``queue_callback`` from a
+  tensor hook on the model's output), the norm of every parameter's gradient, on
+  device, in one ``torch._foreach_norm``: the last backward of a step sees the
+  accumulated gradient, before any clipping; with a ``GradScaler`` the norms are
+  divided by the scale that backward used. On unlogged steps these norms only
+  update the **window** (running max/min per parameter and of the total, and the
+  first step with a non-finite gradient), on device, so a spike between two
+  logged steps is never lost; ``window=False`` turns that off and unlogged steps
+  then do no tensor work at all.
+* Optimizer step pre/post hooks (when an optimizer is given): weight norms, the
+  update ratio ``||w_after - w_before|| / ||w_before||`` and, after the step, the
+  norm of the gradient the optimizer applied (after unscaling and clipping).
+  A ``GradScaler``'s ``update`` is wrapped so that a step it skipped is recorded as
+  skipped, not as data. Without an optimizer, every training forward starts a step.
 
 Everything is computed on the tensors' device; a logged step's statistics are
 concatenated and moved to the host once, when the step closes (at the next
@@ -38,7 +47,7 @@ import time
 import warnings
 import weakref
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,11 +56,13 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from gradwatch.activations import Activation, activation_for_module
-from gradwatch.errors import ConfigError, GradientWarning, WatchError
+from gradwatch.alerts import Action, Alert, resolve_alerts
+from gradwatch.errors import ConfigError, GradientWarning, TrainingStopped, WatchError
 from gradwatch.stats import (
     ACTIVATION_STATS,
     activation_inputs,
     batched_region_stats,
+    input_quantiles,
     moments_from_sums,
     output_moments,
     sample_index,
@@ -68,6 +79,7 @@ _MAX_WAITING_STEPS = 256
 # (exact for smaller weights): a full copy of every weight costs more than the step.
 _UPDATE_SAMPLE = 4096
 _METRIC_INDEX = {name: i for i, name in enumerate(LAYER_METRICS)}
+_QUANTILE_METRICS = ("input_q15", "input_q50", "input_q85")  # stats.INPUT_QUANTILES
 _CONV_TYPES = (nn.modules.conv._ConvNd,)
 
 # model -> its watcher; weak on both sides so neither keeps the other alive.
@@ -105,11 +117,53 @@ class _Step:
     lr: float | Tensor | None = None
     values: dict[str, list[float | Tensor]] = field(default_factory=lambda: defaultdict(list))
     backward_queued: bool = False
+    scale: Tensor | None = None  # the GradScaler's scale during this step's backward (logged steps)
+    skipped: bool = False  # a GradScaler skipped the optimizer step (inf/NaN): recorded, not data
+    applied_norm: Tensor | None = None  # total norm the optimizer applied (after unscaling, clipping)
+
+
+class _Window:
+    """Running extremes of the per-step gradient norms since the last logged step, on device.
+
+    Folding a step is about ten tiny ops and no sync; the window is read (one
+    transfer, with the logged step's values) and replaced at each logged step.
+    """
+
+    def __init__(self, n: int, device: torch.device) -> None:
+        self.device = device
+        self.max = torch.full((n,), -math.inf, device=device)
+        self.min = torch.full((n,), math.inf, device=device)
+        self.first_bad = torch.full((n,), -1, dtype=torch.int64, device=device)
+        self.total_max = torch.full((), -math.inf, device=device)
+        self.total_min = torch.full((), math.inf, device=device)
+        self.bad_max = torch.zeros((), device=device)
+        self.steps = 0
+
+    def fold(self, step: int, norms: Tensor, index: Tensor | None) -> None:
+        """Add one step's per-parameter norms (of the parameters ``index``; None: all)."""
+        bad = ~torch.isfinite(norms)
+        total = torch.linalg.vector_norm(norms)
+        if index is None:
+            torch.maximum(self.max, norms, out=self.max)
+            torch.minimum(self.min, norms, out=self.min)
+            self.first_bad.masked_fill_((self.first_bad < 0) & bad, step)
+        else:
+            self.max.index_copy_(0, index, torch.maximum(self.max.index_select(0, index), norms))
+            self.min.index_copy_(0, index, torch.minimum(self.min.index_select(0, index), norms))
+            first = self.first_bad.index_select(0, index)
+            self.first_bad.index_copy_(0, index, first.masked_fill_((first < 0) & bad, step))
+        torch.maximum(self.total_max, total, out=self.total_max)
+        torch.minimum(self.total_min, total, out=self.total_min)
+        torch.maximum(self.bad_max, bad.sum().float(), out=self.bad_max)
+        self.steps += 1
 
 
 def _first_grad_tensor(output: Any) -> Tensor | None:
+    """The first floating-point tensor of a module's output (a tensor, tuple, list or dict)."""
     if isinstance(output, Tensor):
         return output if output.is_floating_point() else None
+    if isinstance(output, Mapping):  # e.g. transformers' ModelOutput
+        output = list(output.values())
     if isinstance(output, (tuple, list)):
         for item in output:
             if isinstance(item, Tensor) and item.is_floating_point():
@@ -187,6 +241,10 @@ class Watcher:
         exclude: list[str | type] | None = None,
         activation_sample: int = 2048,
         weight_samples: int = 8,
+        scaler: Any = None,
+        window: bool = True,
+        alerts: dict[str, Action] | None = None,
+        thresholds: Any = None,
     ) -> None:
         self.model = model
         self._include, self._exclude = include, exclude
@@ -200,8 +258,20 @@ class Watcher:
         self._tracked_index: dict[int, list[int]] = {}
         self._samples: dict[tuple, Tensor | None] = {}
         self._warn = warn
+        self._alerts = resolve_alerts(alerts, warn)
+        self._thresholds = thresholds
+        self._window_on = window
+        self._window: _Window | None = None
+        self._present_index: dict[tuple[int, ...], Tensor] = {}
+        # A compiled model (torch.compile) runs its layers inside a graph: hooks there would
+        # break it, so only the parameter-level metrics are recorded (see watch()).
+        inner = getattr(model, "_orig_mod", None)
+        self.compiled = isinstance(inner, nn.Module)
         self._params: list[Tensor] = [p for p in model.parameters() if p.requires_grad]
-        self._layers = self._discover_layers(model)
+        self._layers = self._discover_layers(inner if self.compiled else model)
+        self._param_layer = {
+            i: layer for layer in self._layers if layer.kind == "param" for i in self._layer_params(layer)
+        }
         self._chosen = sorted({i for layer in self._layers for i in layer.params})
         self._chosen_pos = {i: k for k, i in enumerate(self._chosen)}
         self._next_layer_id = 0
@@ -214,10 +284,16 @@ class Watcher:
         self._handles: list[RemovableHandle] = []
         self._armed: list[RemovableHandle] = []
         self._live_warned: set[str] = set()
+        self._stop_alert: Alert | None = None
         self._attached = True
         self.ui = None  # the live page's server when watch(ui=...) started one
         self.run_id = store.create_run(run_name, config)
         self.run_name = run_name
+        self._scaler = None
+        self._scaler_looked = scaler is not None
+        self._restore_scaler: Callable[[], None] | None = None
+        if scaler is not None:
+            self._attach_scaler(scaler)
 
         self._handles.append(model.register_forward_pre_hook(self._on_root_pre_forward))
         self._handles.append(model.register_forward_hook(self._on_root_forward, always_call=True))
@@ -242,11 +318,16 @@ class Watcher:
                 weight = getattr(module, "weight", None)
                 chosen = [weight] if isinstance(weight, nn.Parameter) and weight.requires_grad else trainable
                 layers.append(_Layer(name, module, "param", params=[index[id(p)] for p in chosen]))
-            elif self._activation_stats:
+            elif self._activation_stats and not self.compiled:
                 activation = activation_for_module(module)
                 if activation is not None:
                     layers.append(_Layer(name, module, "activation", activation=activation))
         return layers
+
+    def _layer_params(self, layer: _Layer) -> list[int]:
+        """Indices of all the layer's own trainable parameters (its weight and bias)."""
+        index = {id(p): i for i, p in enumerate(self._params)}
+        return [index[id(p)] for p in layer.module.parameters(recurse=False) if id(p) in index]
 
     def _layer_id(self, layer: _Layer) -> int:
         if layer.layer_id is None:
@@ -294,11 +375,31 @@ class Watcher:
         if self._record is None or self._stepped or self.optimizer is None:
             self._close_step()
             self._open_step()
-        if self._record.logged and not self._armed:
+        if self._record.logged and not self._armed and not self.compiled:
             self._arm()
 
     def _on_root_forward(self, module: nn.Module, args: Any, output: Any) -> None:
         self._disarm()
+        record = self._record
+        if record is None or not (record.logged or self._window_on):
+            return
+        if not (torch.is_grad_enabled() and module.training):
+            return
+        out = _first_grad_tensor(output)
+        if out is not None and out.requires_grad:
+            out.register_hook(self._make_backward_hook(record))
+
+    def _make_backward_hook(self, record: _Step) -> Callable[[Tensor], None]:
+        def on_output_grad(grad: Tensor) -> None:
+            self._queue_backward_end(record)
+
+        return on_output_grad
+
+    def _queue_backward_end(self, record: _Step) -> None:
+        """Run :meth:`_on_backward_end` once when the current backward pass finishes."""
+        if not record.backward_queued:
+            record.backward_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(lambda: self._on_backward_end(record))
 
     def _arm(self) -> None:
         for layer in self._layers:
@@ -336,11 +437,7 @@ class Watcher:
             with torch.no_grad():
                 record.delta_sq[lid].append(squared_norm(grad))
             record.delta_count[lid] += grad.numel()
-            if self.optimizer is None and not record.backward_queued:
-                record.backward_queued = True
-                torch.autograd.Variable._execution_engine.queue_callback(
-                    lambda: self._take_grad_stats(record)
-                )
+            self._queue_backward_end(record)  # in case the output hook saw no backward
 
         return on_grad
 
@@ -368,24 +465,61 @@ class Watcher:
 
         return on_pre_forward
 
-    def _take_grad_stats(self, record: _Step) -> None:
-        """Norms of every parameter's (accumulated) gradient and of the layers' weights, on device."""
+    def _norms(self, tensors: list[Tensor]) -> Tensor:
+        """L2 norm of each tensor, one float32 vector on device (of the full tensor if sharded)."""
+        if any(_is_dtensor(t) for t in tensors):
+            from gradwatch.sharding import global_norms
+
+            return global_norms(tensors).float()
+        return _stack(torch._foreach_norm(tensors))
+
+    def _grad_norms_now(self, record: _Step) -> Tensor | None:
+        """Norms of every parameter's gradient as it is now, unscaled; None if none has one."""
+        present = [i for i, p in enumerate(self._params) if p.grad is not None]
+        if not present:
+            return None
+        grads = [self._params[i].grad for i in present]
+        norms = self._norms([g.coalesce()._values() if g.is_sparse else g for g in grads])
+        scale = self._scale()
+        if scale is not None:
+            norms = norms / scale.to(norms.device)
+            if record.logged:
+                record.scale = scale.clone()
+        record.grad_norms, record.grad_present = norms, present
+        return norms
+
+    def _on_backward_end(self, record: _Step) -> None:
+        """The end of a backward pass: gradient norms (the step's last backward: accumulated ones)."""
+        record.backward_queued = False
+        if record is not self._record or not self._attached:
+            return
         with torch.no_grad():
-            grads = [p.grad for p in self._params]
-            present = [i for i, g in enumerate(grads) if g is not None]
-            if not present:
+            norms = self._grad_norms_now(record)
+            if norms is None:
                 return
-            dense = [grads[i].coalesce()._values() if grads[i].is_sparse else grads[i] for i in present]
-            record.grad_norms = _stack(torch._foreach_norm(dense))
-            record.grad_present = present
-            weights = [self._params[i].detach() for i in self._chosen]
-            record.weight_norms = _stack(torch._foreach_norm(weights))
-            if self._weight_samples:
-                record.weight_values = [
-                    (self._layer_id(layer), self._tracked_weights(layer))
-                    for layer in self._layers
-                    if layer.params
-                ]
+            if record.logged and self.optimizer is None:
+                self._weight_stats(record)
+        if (
+            self._alerts["nonfinite"] == "stop"
+            and norms.device.type == "cpu"
+            and self._scaler is None
+            and not bool(torch.isfinite(norms).all())
+        ):
+            # On the CPU the check is free: act now, before the optimizer applies it.
+            record.logged = True
+            self._close_step(write=True)
+
+    def _weight_stats(self, record: _Step) -> None:
+        """Weight norms and the tracked weight elements of a logged step, on device."""
+        weights = [self._params[i].detach() for i in self._chosen]
+        if weights:
+            record.weight_norms = self._norms(weights)
+        if self._weight_samples:
+            record.weight_values = [
+                (self._layer_id(layer), self._tracked_weights(layer))
+                for layer in self._layers
+                if layer.params
+            ]
 
     def _tracked_weights(self, layer: _Layer) -> Tensor:
         """The same few elements of a layer's weight at every logged step (the seeds' plot)."""
@@ -410,26 +544,87 @@ class Watcher:
 
     def _on_optimizer_pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         record = self._current()
+        if not self._scaler_looked:
+            self._find_scaler(record)
         if not record.logged:
             return
-        self._take_grad_stats(record)
-        record.lr = optimizer.param_groups[0].get("lr")
         with torch.no_grad():
-            record.snapshot = [self._weight_sample(i) for i in self._chosen]
+            if record.grad_norms is None:  # no backward seen through the model's output
+                self._grad_norms_now(record)
+            self._weight_stats(record)
+            record.snapshot = [
+                self._weight_sample(i) for i in self._chosen if not _is_dtensor(self._params[i])
+            ]
+        record.lr = optimizer.param_groups[0].get("lr")
 
     def _on_optimizer_post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         record = self._record
-        if record is not None and record.logged and record.snapshot is not None:
+        if record is not None and record.logged:
             with torch.no_grad():
-                after = [self._weight_sample(i) for i in self._chosen]
-                diffs = torch._foreach_sub(after, record.snapshot)
-                # ||w_after - w_before|| / ||w_before||, both on the same sample of elements
-                record.update_norms = torch.cat(
-                    [_stack(torch._foreach_norm(diffs)), _stack(torch._foreach_norm(record.snapshot))]
-                )
+                if record.snapshot is not None and len(record.snapshot) == len(self._chosen):
+                    after = [self._weight_sample(i) for i in self._chosen]
+                    diffs = torch._foreach_sub(after, record.snapshot)
+                    # ||w_after - w_before|| / ||w_before||, both on the same sample of elements
+                    record.update_norms = torch.cat(
+                        [_stack(torch._foreach_norm(diffs)), _stack(torch._foreach_norm(record.snapshot))]
+                    )
+                grads = [p.grad for p in self._params if p.grad is not None]
+                if grads:  # what the optimizer applied: after unscaling and any clipping
+                    dense = [g.coalesce()._values() if g.is_sparse else g for g in grads]
+                    record.applied_norm = torch.linalg.vector_norm(self._norms(dense))
             record.snapshot = None
         self._optimizer_steps += 1
         self._stepped = True
+
+    # -- GradScaler ----------------------------------------------------------------
+
+    def _scale(self) -> Tensor | None:
+        """The scaler's current scale (a 1-element device tensor), or None without one."""
+        scaler = self._scaler
+        if scaler is None or not scaler.is_enabled() or getattr(scaler, "_scale", None) is None:
+            return None
+        return scaler._scale.detach().float().reshape(())
+
+    def _attach_scaler(self, scaler: Any) -> None:
+        """Wrap ``scaler.update`` (restored on detach) to see steps the scaler skipped."""
+        self._scaler = scaler
+        original = scaler.update
+
+        def update(*args: Any, **kwargs: Any) -> Any:
+            self._on_scaler_update()
+            return original(*args, **kwargs)
+
+        scaler.update = update
+
+        def restore() -> None:
+            if scaler.__dict__.get("update") is update:
+                del scaler.update
+
+        self._restore_scaler = restore
+
+    def _find_scaler(self, record: _Step) -> None:
+        """A GradScaler calling optimizer.step() (found once, on the first step): attach to it."""
+        self._scaler_looked = True
+        frame = sys._getframe(2)
+        for _ in range(8):
+            if frame is None:
+                return
+            candidate = frame.f_locals.get("self")
+            if isinstance(candidate, torch.amp.GradScaler):
+                self._attach_scaler(candidate)
+                scale = self._scale()
+                if scale is not None and record.grad_norms is not None:  # taken before we knew
+                    record.grad_norms = record.grad_norms / scale.to(record.grad_norms.device)
+                    record.scale = scale.clone() if record.logged else None
+                return
+            frame = frame.f_back
+
+    def _on_scaler_update(self) -> None:
+        if self._record is not None and not self._stepped:
+            # scaler.step() found inf/NaN and did not call optimizer.step(): a skipped step.
+            self._record.skipped = True
+            self._optimizer_steps += 1
+            self._stepped = True
 
     # -- closing a step: one transfer, rows to the store -------------------------
 
@@ -443,10 +638,13 @@ class Watcher:
         where: dict[int, list[_At]] = defaultdict(list)
         with torch.no_grad():
             for members in groups.values():
-                stats = batched_region_stats([kept for _, _, kept in members], members[0][1])
-                at = gather.add(stats)  # row-major (calls, 4)
+                kept = [kept for _, _, kept in members]
+                regions = batched_region_stats(kept, members[0][1])
+                stats = torch.cat([regions, input_quantiles([k[0] for k in kept])], 1)
+                at = gather.add(stats)  # row-major (calls, 7): ACTIVATION_STATS, then _QUANTILE_METRICS
+                width = stats.shape[1]
                 for row, (lid, _, _) in enumerate(members):
-                    where[lid].append(_At(at + 4 * row))
+                    where[lid].append(_At(at + width * row))
         return where
 
     def _close_step(self, *, write: bool = False) -> None:
@@ -456,11 +654,31 @@ class Watcher:
         unlogged step costs no transfer and no store commit.
         """
         record, self._record = self._record, None
-        if record is not None and (record.logged or record.values):
-            self._closed.append(record)
+        if record is not None:
+            if self._window_on and record.grad_norms is not None and not record.skipped:
+                self._fold(record)
+            if record.logged or record.values or record.skipped:
+                self._closed.append(record)
         if self._closed and (write or self._closed[-1].logged or len(self._closed) >= _MAX_WAITING_STEPS):
             closed, self._closed = self._closed, []
             self._write(closed)
+
+    def _fold(self, record: _Step) -> None:
+        norms = record.grad_norms
+        assert norms is not None
+        window = self._window
+        if window is None or window.device != norms.device:
+            window = self._window = _Window(len(self._params), norms.device)
+        present = tuple(record.grad_present)
+        if len(present) == len(self._params):
+            index = None
+        else:
+            index = self._present_index.get(present)
+            if index is None or index.device != norms.device:
+                if len(self._present_index) > 64:
+                    self._present_index.clear()
+                index = self._present_index[present] = torch.tensor(present, device=norms.device)
+        window.fold(record.step, norms, index)
 
     def _write(self, records: list[_Step]) -> None:
         """Bring the records' device values to the host in one transfer and queue their rows."""
@@ -475,8 +693,8 @@ class Watcher:
             name: [gather.add(v) if isinstance(v, Tensor) else v for v in vals]
             for name, vals in record.values.items()
         }
-        if not record.logged:
-            return {"values": values}
+        if not record.logged or record.skipped:
+            return {"values": values, "scale": gather.add(record.scale) if record.scale is not None else None}
         return {
             "values": values,
             "deltas": [(lid, [gather.add(t) for t in v]) for lid, v in record.delta_sq.items()],
@@ -486,8 +704,24 @@ class Watcher:
             "tracked": [(lid, gather.add(v)) for lid, v in record.weight_values],
             "weight": gather.add(record.weight_norms) if record.weight_norms is not None else None,
             "update": gather.add(record.update_norms) if record.update_norms is not None else None,
+            "applied": gather.add(record.applied_norm) if record.applied_norm is not None else None,
+            "scale": gather.add(record.scale) if record.scale is not None else None,
+            "window": self._take_window(gather),
             "lr": gather.add(record.lr) if isinstance(record.lr, Tensor) else record.lr,
             "time": time.time(),
+        }
+
+    def _take_window(self, gather: _Gather) -> dict[str, Any] | None:
+        """The window's tensors into the gather; the next steps fold into a new window."""
+        window, self._window = self._window, None
+        if window is None or not window.steps:
+            return None
+        return {
+            "steps": window.steps,
+            "max": gather.add(window.max),
+            "min": gather.add(window.min),
+            "first_bad": gather.add(window.first_bad),
+            "totals": gather.add(torch.stack([window.total_max, window.total_min, window.bad_max])),
         }
 
     def _write_record(self, record: _Step, plan: dict[str, Any], host: list[float]) -> None:
@@ -495,12 +729,18 @@ class Watcher:
         for name, vals in plan["values"].items():
             nums = [host[v] if isinstance(v, _At) else v for v in vals]
             scalars.append((record.step, name, sum(nums) / len(nums)))
-        if not record.logged:
+        scale = host[plan["scale"]] if plan["scale"] is not None else None
+        if scale is not None:
+            scalars.append((record.step, "grad_scale", scale))
+        if record.skipped:
+            scalars.append((record.step, "skipped_step", 1.0))
+        if not record.logged or record.skipped:
             self.store.add_scalars(self.run_id, scalars)
             return
         deltas, moments, acts = plan["deltas"], plan["moments"], plan["acts"]
         grad_at, weight_at, update_at, lr = plan["grad"], plan["weight"], plan["update"], plan["lr"]
         now = plan["time"]
+        unscale = 1.0 / (scale * scale) if scale else 1.0  # deltas were taken on the scaled loss
 
         rows: dict[int, list[float | None]] = {}
 
@@ -509,7 +749,7 @@ class Watcher:
 
         for lid, at in deltas:
             count = record.delta_count[lid]
-            put(lid, "delta_rms", math.sqrt(sum(host[a] for a in at) / count) if count else None)
+            put(lid, "delta_rms", math.sqrt(sum(host[a] for a in at) * unscale / count) if count else None)
         for lid, calls in moments:
             total = sum(host[a] for a, _ in calls)
             norm_sq = sum(host[a + 1] ** 2 for a, _ in calls)
@@ -517,16 +757,15 @@ class Watcher:
             put(lid, "output_mean", mean)
             put(lid, "output_std", std)
         for lid, calls in acts.items():
-            for k, metric in enumerate(ACTIVATION_STATS):
+            for k, metric in enumerate(ACTIVATION_STATS + _QUANTILE_METRICS):
                 value = sum(host[a + k] for a in calls) / len(calls)
                 # NaN means "not applicable" here (no flat tails), not a non-finite value
                 put(lid, metric, None if math.isnan(value) and metric == "saturated_frac" else value)
 
-        nonfinite = 0
         if grad_at is not None:
             grad = {i: host[grad_at + k] for k, i in enumerate(record.grad_present)}
-            nonfinite = sum(1 for g in grad.values() if not math.isfinite(g))
             scalars.append((record.step, "total_grad_norm", _combine_norms(grad.values())))
+            nonfinite = sum(not math.isfinite(g) for g in grad.values())
             scalars.append((record.step, "nonfinite_grads", float(nonfinite)))
             n_chosen = len(self._chosen)
             for layer in self._layers:
@@ -543,6 +782,31 @@ class Watcher:
                     du = _combine_norms(host[update_at + k] for k in slots)
                     ws = _combine_norms(host[update_at + n_chosen + k] for k in slots)
                     put(lid, "update_ratio", du / ws if ws else math.inf)
+        if plan["applied"] is not None:
+            scalars.append((record.step, "clipped_grad_norm", host[plan["applied"]]))
+        first_bad: dict[int, int] = {}
+        window = plan["window"]
+        if window is not None:
+            n = len(self._params)
+            t_max, t_min, bad_max = host[window["totals"] : window["totals"] + 3]
+            scalars += [
+                (record.step, "total_grad_norm_max", t_max),
+                (record.step, "total_grad_norm_min", t_min),
+                (record.step, "nonfinite_grads_max", bad_max),
+                (record.step, "window_steps", float(window["steps"])),
+            ]
+            first_bad = {
+                i: int(host[window["first_bad"] + i]) for i in range(n) if host[window["first_bad"] + i] >= 0
+            }
+            for layer in self._layers:
+                if layer.kind != "param":
+                    continue
+                maxima = [host[window["max"] + i] for i in layer.params]
+                if all(v == -math.inf for v in maxima):
+                    continue  # no gradient in the window
+                lid = self._layer_id(layer)
+                put(lid, "grad_norm_max", _combine_norms(maxima))
+                put(lid, "grad_norm_min", _combine_norms(host[window["min"] + i] for i in layer.params))
         if lr is not None:
             scalars.append((record.step, "lr", host[lr] if isinstance(lr, _At) else lr))
         scalars.append((record.step, "wall_time", now))
@@ -558,30 +822,87 @@ class Watcher:
                 ],
             )
         self.store.add_scalars(self.run_id, scalars)
-        if self._warn:
-            self._live_warning(rows, scalars)
+        self._check_alerts(record, rows, scalars, first_bad)
 
-    def _live_warning(self, rows: dict[int, list[float | None]], scalars: list[tuple]) -> None:
-        """At most one warning per kind (non-finite, vanishing, exploding) per run."""
-        from gradwatch.diagnose import live_check
+    # -- alerts ------------------------------------------------------------------
 
-        delta = _METRIC_INDEX["delta_rms"]
-        params = sorted(
-            (lay for lay in self._layers if lay.kind == "param" and lay.layer_id in rows),
-            key=lambda lay: lay.layer_id,
+    def _check_alerts(
+        self,
+        record: _Step,
+        rows: dict[int, list[float | None]],
+        scalars: list[tuple],
+        first_bad: dict[int, int],
+    ) -> None:
+        """Judge a written step; warn, call back or stop as :attr:`_alerts` says."""
+        found: list[Alert] = []
+        if first_bad and self._alerts["nonfinite"] != "ignore":
+            found.append(self._nonfinite_alert(first_bad))
+        judged = [k for k in ("vanishing", "exploding") if self._alerts[k] != "ignore"]
+        if judged:
+            from gradwatch.diagnose import live_check
+
+            delta = _METRIC_INDEX["delta_rms"]
+            params = sorted(
+                (lay for lay in self._layers if lay.kind == "param" and lay.layer_id in rows),
+                key=lambda lay: lay.layer_id,
+            )
+            deltas = {
+                lay.name: rows[lay.layer_id][delta] for lay in params if rows[lay.layer_id][delta] is not None
+            }
+            text = live_check(deltas, None, 0, self._thresholds, run_id=self.run_id)
+            kind = next((k for k in judged if text and text.startswith(f"gradwatch: {k}")), None)
+            if kind is not None:
+                found.append(Alert(kind, record.step, text, None, self.run_id))
+        for alert in found:
+            self._act(alert)
+
+    def _nonfinite_alert(self, first_bad: dict[int, int]) -> Alert:
+        """Where a non-finite gradient first appeared: the step, and the layer backward reached first."""
+        step = min(first_bad.values())
+        bad = {i for i, s in first_bad.items() if s == step}
+        ordered = sorted(
+            (lay for lay in self._layers if lay.kind == "param"),
+            key=lambda lay: (lay.layer_id is None, lay.layer_id or 0),
         )
-        deltas = {
-            lay.name: rows[lay.layer_id][delta] for lay in params if rows[lay.layer_id][delta] is not None
-        }
-        found = {name: value for _, name, value in scalars}
-        nonfinite = int(found.get("nonfinite_grads") or 0)
-        text = live_check(deltas, found.get("total_grad_norm"), nonfinite, run_id=self.run_id)
-        if text is None:
-            return
-        kind = text.split(":")[1].strip()
-        if kind not in self._live_warned:
-            self._live_warned.add(kind)
-            warnings.warn(text, GradientWarning, stacklevel=_user_stacklevel())
+        bad_layers = [lay for lay in ordered if any(i in bad for i in self._layer_params(lay))]
+        layer = None
+        if bad_layers and len(bad_layers) < len(ordered):
+            # backward runs from the output: the deepest bad layer is where it entered
+            layer, where = bad_layers[-1], "the first layer the backward pass reached with it"
+        elif bad_layers:
+            with torch.no_grad():
+                weights = [self._params[lay.params[0]].detach() for lay in ordered if lay.params]
+                finite = torch.isfinite(self._norms(weights)).tolist() if weights else []
+            with_weight = [lay for lay in ordered if lay.params]
+            broken = [lay for lay, ok in zip(with_weight, finite, strict=True) if not ok]
+            if broken:
+                layer, where = broken[0], "its weights are non-finite"
+            else:
+                where = "every layer's gradient is: the loss or the forward pass went non-finite"
+        name = layer.name if layer is not None else None
+        n_bad = len(bad_layers)
+        at = f" in layer '{name}' ({where})" if name else f" ({where})"
+        text = (
+            f"gradwatch: non-finite gradients at step {step}{at}; {n_bad} of {len(ordered)} layers "
+            f"affected; see `gradwatch show {self.run_id}`"
+        )
+        return Alert("nonfinite", step, text, name, self.run_id)
+
+    def _act(self, alert: Alert) -> None:
+        action = self._alerts[alert.kind]
+        if action == "warn":
+            if alert.kind not in self._live_warned:
+                self._live_warned.add(alert.kind)
+                warnings.warn(alert.message, GradientWarning, stacklevel=_user_stacklevel())
+        elif action == "stop":
+            if not self._attached:  # found while detaching: nothing left to stop; say so
+                self._stop_alert = alert
+                warnings.warn(alert.message, GradientWarning, stacklevel=_user_stacklevel())
+                return
+            self._shutdown("stopped", alert.message)
+            raise TrainingStopped(alert)
+        elif callable(action):
+            action(alert)
 
     # -- public API --------------------------------------------------------------
 
@@ -621,25 +942,36 @@ class Watcher:
 
         Idempotent. Afterwards the model's hook dictionaries are exactly as before
         :func:`watch`. With ``error`` (an exception on its way out) the open,
-        possibly half-recorded step is dropped and the run is marked failed.
+        possibly half-recorded step is dropped and the run is marked failed; a
+        :class:`~gradwatch.errors.TrainingStopped` has already written everything
+        and marked the run ``stopped``.
         """
         if not self._attached:
             return
+        if error is not None:
+            self._record = None  # half-recorded: dropped
+        self._shutdown("finished" if error is None else "failed",
+                       None if error is None else f"{type(error).__name__}: {error}")
+
+    def _shutdown(self, status: str, message: str | None) -> None:
         self._attached = False
         self._disarm()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if self._restore_scaler is not None:
+            self._restore_scaler()
         if _WATCHED.get(self.model) is not None and _WATCHED[self.model]() is self:
             del _WATCHED[self.model]
-        if error is not None:
-            self._record = None  # half-recorded: dropped
-        self._close_step(write=True)
-        status = "finished" if error is None else "failed"
-        message = None if error is None else f"{type(error).__name__}: {error}"
-        self.store.finish_run(self.run_id, status, message)
-        if self._owns_store:
-            self.store.close()
+        try:
+            if status != "stopped":  # a stop has written everything already
+                self._close_step(write=True)
+        finally:
+            if self._stop_alert is not None and status == "finished":
+                status, message = "stopped", self._stop_alert.message
+            self.store.finish_run(self.run_id, status, message)
+            if self._owns_store:
+                self.store.close()
 
     @property
     def attached(self) -> bool:
@@ -717,6 +1049,10 @@ class _Gather:
         return out
 
 
+def _is_dtensor(t: Tensor) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
 def _stack(norms: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
     """Stack 0-d norms into one float32 vector, on the first one's device."""
     try:
@@ -748,6 +1084,10 @@ def watch(
     activation_sample: int = 2048,
     weight_samples: int = 8,
     ui: bool | int = False,
+    scaler: torch.amp.GradScaler | None = None,
+    window: bool = True,
+    alerts: Mapping[str, Action] | None = None,
+    thresholds: Any = None,
 ) -> Watcher:
     """Watch a model's gradient flow; returns a :class:`Watcher` (also a context manager).
 
@@ -791,6 +1131,37 @@ def watch(
             ``"encoder.layer.*"``) or module types (``nn.Linear``). Default: all.
         exclude: do not watch these modules (same forms). ``total_grad_norm`` always
             covers every trainable parameter of the model.
+        scaler: the ``torch.amp.GradScaler`` of a mixed-precision loop. Gradient norms and
+            deltas are then divided by the scale their backward used (the unscaled values
+            are recorded), the scale is recorded as ``grad_scale``, and a step the scaler
+            skips (inf/NaN) is recorded as ``skipped_step`` with no layer data. Without
+            it, a scaler calling ``optimizer.step()`` is found on the first step that is
+            not skipped; steps skipped before then merge into the next one.
+        window: at every step, logged or not, take the norm of every parameter's
+            gradient (one ``torch._foreach_norm``, no sync) and keep its running max and
+            min until the next logged step, which records them as ``grad_norm_max`` /
+            ``grad_norm_min`` per layer and ``total_grad_norm_max`` / ``_min``,
+            ``nonfinite_grads_max`` and ``window_steps`` globally: a spike between two
+            logged steps is never lost. ``False``: unlogged steps do no tensor work.
+        alerts: what to do when a step shows ``"nonfinite"``, ``"vanishing"`` or
+            ``"exploding"`` gradients: ``"warn"``, ``"stop"`` (raise
+            :class:`~gradwatch.errors.TrainingStopped` naming the step and the layer),
+            ``"ignore"`` or a callable taking an :class:`~gradwatch.alerts.Alert`.
+            Default: ``"warn"`` for each (``"ignore"`` with ``warn=False``). See
+            :mod:`gradwatch.alerts`.
+        thresholds: a :class:`gradwatch.diagnose.Thresholds` for the alerts. Default: its defaults.
+
+    Recorded globally at each logged step, besides the above: ``total_grad_norm`` is
+    the norm before clipping (at the end of the step's last backward pass), and with
+    an optimizer ``clipped_grad_norm`` is the norm of what the optimizer applied
+    (after unscaling and ``clip_grad_norm_``); they are equal when nothing clips.
+    Under gradient accumulation, ``delta_rms`` aggregates the micro-batches of the
+    step: ``sqrt(sum of squared deltas / number of elements)`` over all of them, the
+    RMS of the per-micro-batch backpropagated errors.
+
+    A compiled model (``torch.compile(model)``) is watched at the parameter level only
+    (gradient and weight norms, update ratios, global norms, windowed extremes), with
+    one warning: per-layer hooks inside the compiled graph would break it.
 
     Raises:
         WatchError: ``model`` is not a module, has no trainable parameters, or is
@@ -821,6 +1192,14 @@ def watch(
         raise ConfigError(
             f"activation_sample={activation_sample!r}; expected a sample size >= 0 (0: every input)"
         )
+    if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+        raise ConfigError(
+            f"scaler must be a torch.amp.GradScaler; got {type(scaler).__name__}. Pass the scaler "
+            f"whose scale(loss).backward() and step(optimizer) the loop calls"
+        )
+    if not isinstance(window, bool):
+        raise ConfigError(f"window={window!r}; expected True or False")
+    resolve_alerts(alerts, warn)  # raises ConfigError on an unknown kind or action
     previous = _WATCHED.get(model)
     if previous is not None and previous() is not None and previous().attached:
         raise WatchError(
@@ -866,11 +1245,24 @@ def watch(
             exclude=exclude_list,
             activation_sample=activation_sample,
             weight_samples=weight_samples,
+            scaler=scaler,
+            window=window,
+            alerts=dict(alerts) if alerts is not None else None,
+            thresholds=thresholds,
         )
     except BaseException:
         if owns:
             run_store.close()
         raise
+    if watcher.compiled:
+        warnings.warn(
+            f"gradwatch: {type(model).__name__} is compiled (torch.compile): recording parameter-level "
+            "metrics only (grad and weight norms, update ratios, global norms, windowed extremes). "
+            "delta_rms, output moments and activation statistics need hooks inside the compiled "
+            "graph, which would break it; watch the uncompiled model for them.",
+            UserWarning,
+            stacklevel=2,
+        )
     if ui is True or (isinstance(ui, int) and not isinstance(ui, bool)):  # ui=0: any free port
         _start_ui(watcher, 8765 if ui is True else ui)
     return watcher
