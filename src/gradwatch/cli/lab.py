@@ -84,6 +84,19 @@ def _claims_table(result: LabResult) -> Table:
     return table
 
 
+def _paper_table(result: LabResult) -> Table:
+    """Our mean ± std over seeds beside each number the paper published."""
+    paper = result.preset.paper
+    table = Table(title=f"beside the paper: {paper}" if paper else "beside the paper")
+    for col, just in (("metric", "left"), ("ours", "left"), ("mean ± std", "right"), ("paper", "left"),
+                      ("published", "right"), ("source", "left")):
+        table.add_column(col, justify=just)  # type: ignore[arg-type]
+    for row in result.paper_rows:
+        metric, label, ours, paper_label, published = row.cells()
+        table.add_row(metric, Text(label), ours, Text(paper_label), published, Text(row.published.source))
+    return table
+
+
 def _list_presets() -> None:
     table = Table(title="presets (gradwatch lab --preset NAME)")
     for col in ("name", "configurations", "seeds", "description"):
@@ -131,6 +144,8 @@ def lab(
         raise typer.Exit(130) from None
     console.print(_summary_table(result))
     held = sum(v.held for _, v in result.claims)
+    if result.paper_rows:
+        console.print(_paper_table(result))
     if result.claims:
         console.print(_claims_table(result))
     console.print((f"{held} of {len(result.claims)} claims held; " if result.claims else "")

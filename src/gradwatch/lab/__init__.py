@@ -3,8 +3,8 @@
 ``models`` builds configurable MLP/CNN stacks (:class:`ModelConfig`,
 :func:`build_model`); ``data`` loads digits, MNIST-1D or a user's file
 (:func:`load_dataset`); ``presets`` holds grids and their claims as data
-(:class:`Preset`, :data:`PRESETS`); ``runner`` runs a grid on a backend, resumes,
-and summarises it from the store (:func:`run_lab`).
+(:class:`Preset`, :data:`PRESETS`), the paper presets in ``papers``; ``runner``
+runs a grid on a backend, resumes, and summarises it from the store (:func:`run_lab`).
 """
 
 from __future__ import annotations
@@ -24,11 +24,14 @@ from gradwatch.lab.presets import (
     Claim,
     ConfigSummary,
     GridEntry,
+    PaperRow,
     Preset,
+    Published,
     TrainSettings,
     Verdict,
     get_preset,
     load_preset_file,
+    paper_table,
     preset_names,
     register_preset,
 )
@@ -53,6 +56,9 @@ __all__ = [
     "ConfigSummary",
     "GridEntry",
     "InProcessBackend",
+    "PaperRow",
+    "Published",
+    "paper_table",
     "LabInterrupted",
     "LabResult",
     "LocalBackend",
@@ -79,3 +85,6 @@ __all__ = [
     "iterate_minibatches",
     "load_dataset",
 ]
+
+# Registers the paper presets (glorot2010, he2015, ...) in PRESETS, after the built-in ones.
+from gradwatch.lab import papers  # noqa: E402, F401

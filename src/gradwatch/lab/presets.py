@@ -8,6 +8,11 @@ store) and the store itself, returning a :class:`Verdict`: held or not, with the
 numbers. Presets say nothing about where runs execute: any backend of
 :mod:`gradwatch.lab.runner` takes any grid.
 
+A preset that reproduces a paper also carries its citation (``paper``), the paper's
+numbers as :class:`Published` rows, and ``metrics``: named functions giving one value
+per seed of a configuration (``"test_error_pct"`` is built in). :func:`paper_table`
+puts our mean ± std beside each published number (:class:`PaperRow`).
+
 Presets live in :data:`PRESETS` (name -> preset); :func:`register_preset` adds one,
 :func:`load_preset_file` reads a grid from a JSON file (no claims).
 """
@@ -38,7 +43,13 @@ __all__ = [
     "ConfigSummary",
     "Verdict",
     "Claim",
+    "MetricFn",
+    "Published",
+    "PaperRow",
     "Preset",
+    "paper_table",
+    "test_error_pct",
+    "format_number",
     "PRESETS",
     "register_preset",
     "get_preset",
@@ -109,6 +120,9 @@ class GridEntry:
         label: one human line; :func:`gradwatch.lab.models.describe` unless named.
         model: what to build.
         train: how to train it.
+        dataset: this entry's data set (a built-in name or a path), overriding the preset's
+            and the user's ``--dataset``; a paper preset may train on two data sets in one
+            grid. Default: None (the lab's data set).
     """
 
     section: str
@@ -116,12 +130,16 @@ class GridEntry:
     label: str
     model: ModelConfig
     train: TrainSettings = field(default_factory=TrainSettings)
+    dataset: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("section", "config_key", "label"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value.strip():
                 raise ConfigError(f"grid entry {name}={value!r}; expected a non-empty string")
+        if self.dataset is not None and (not isinstance(self.dataset, str) or not self.dataset.strip()):
+            raise ConfigError(f"grid entry {self.config_key!r}: dataset={self.dataset!r}; expected "
+                              "None (the lab's data set) or a data set name such as 'mnist1d'")
         if not isinstance(self.model, ModelConfig):
             raise ConfigError(f"grid entry {self.config_key!r}: model must be a ModelConfig")
         if not isinstance(self.train, TrainSettings):
@@ -129,9 +147,9 @@ class GridEntry:
 
 
 def grid_entry(section: str, name: str, model: ModelConfig, train: TrainSettings,
-               label: str | None = None) -> GridEntry:
+               label: str | None = None, dataset: str | None = None) -> GridEntry:
     """A :class:`GridEntry` keyed ``section/name`` and labelled by ``describe(model)``."""
-    return GridEntry(section, f"{section}/{name}", label or describe(model), model, train)
+    return GridEntry(section, f"{section}/{name}", label or describe(model), model, train, dataset)
 
 
 def _finite(values: Sequence[float]) -> list[float]:
@@ -240,6 +258,137 @@ class Claim:
     check: ClaimCheck = field(repr=False)
 
 
+MetricFn = Callable[[ConfigSummary, RunStore], tuple[float, ...]]
+"""A number per seed of one configuration (NaN where a seed lacks it), e.g. test error in %."""
+
+
+def test_error_pct(summary: ConfigSummary, store: RunStore) -> tuple[float, ...]:
+    """Test error in percent, ``100 * (1 - test_acc)``, per seed: built into every preset."""
+    return tuple(100.0 * (1.0 - a) for a in summary.test_acc)
+
+
+test_error_pct.__test__ = False  # type: ignore[attr-defined]  # pytest: not a test
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class Published:
+    """One number a paper reports, and the grid entry whose result sits beside it.
+
+    Attributes:
+        config_key: the grid entry it is compared with, or None for a reference row
+            with no counterpart in our grid (e.g. ResNet-110 on CIFAR-10).
+        metric: a key of the preset's ``metrics`` (e.g. ``"test_error_pct"``).
+        value: the published number, or a published range ``(low, high)``.
+        label: the paper's name for the row (e.g. ``"Tanh N"``).
+        source: where in the paper (e.g. ``"Table 1, Shapeset-3x2"``).
+    """
+
+    config_key: str | None
+    metric: str
+    value: float | tuple[float, float]
+    label: str
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.config_key is not None and (not isinstance(self.config_key, str) or not self.config_key):
+            raise ConfigError(f"published row {self.label!r}: config_key={self.config_key!r}; expected "
+                              "a grid entry's key or None")
+        if not isinstance(self.metric, str) or not self.metric:
+            raise ConfigError(f"published row {self.label!r}: metric={self.metric!r}; expected a "
+                              "metric name such as 'test_error_pct'")
+        value = self.value
+        if isinstance(value, (tuple, list)):
+            if len(value) != 2 or not all(_is_number(v) for v in value) or value[0] > value[1]:
+                raise ConfigError(f"published row {self.label!r}: value={value!r}; expected a number "
+                                  "or a range (low, high) with low <= high")
+            object.__setattr__(self, "value", (float(value[0]), float(value[1])))
+        elif not _is_number(value):
+            raise ConfigError(f"published row {self.label!r}: value={value!r}; expected a finite "
+                              "number or a range (low, high)")
+        if not isinstance(self.label, str) or not self.label.strip():
+            raise ConfigError(f"published row label={self.label!r}; expected the paper's row name")
+
+    def value_text(self) -> str:
+        """The published value as text: ``"15.6"`` or a range ``"0.82-0.88"``."""
+        if isinstance(self.value, tuple):
+            return f"{format_number(self.value[0])}-{format_number(self.value[1])}"
+        return format_number(self.value)
+
+
+def format_number(x: float) -> str:
+    """Three significant digits between 0.01 and 10^4, else scientific (``"3.1e-05"``)."""
+    if x is None or not math.isfinite(x):
+        return "-"
+    if x == 0 or 0.01 <= abs(x) < 1e4:
+        return f"{x:.3g}"
+    return f"{x:.2g}"
+
+
+@dataclass(frozen=True)
+class PaperRow:
+    """A published number beside ours: one row of a paper preset's table.
+
+    Attributes:
+        metric: the metric's name (a key of the preset's ``metrics``).
+        config_key: our grid entry, or None for a reference row.
+        label: our configuration's label ("" for a reference row).
+        values: our value per finished seed (NaN where a seed has none); empty when the
+            configuration has no finished run or there is none to compare.
+        published: the paper's number.
+        note: why there are no values when the metric failed ("" otherwise).
+    """
+
+    metric: str
+    config_key: str | None
+    label: str
+    values: tuple[float, ...]
+    published: Published
+    note: str = ""
+
+    @property
+    def mean(self) -> float:  # noqa: D102
+        return _mean_std(self.values)[0]
+
+    @property
+    def std(self) -> float:
+        """Sample standard deviation over seeds (0 for one seed)."""
+        return _mean_std(self.values)[1]
+
+    @property
+    def n(self) -> int:
+        """Seeds with a finite value."""
+        return len(_finite(self.values))
+
+    def ours_text(self) -> str:
+        """``"mean ± std"`` of our values, ``"-"`` when there are none."""
+        if not self.n:
+            return f"- ({self.note})" if self.note else "-"
+        return f"{format_number(self.mean)} ± {format_number(self.std)}"
+
+    def cells(self) -> tuple[str, str, str, str, str]:
+        """``(metric, our label, our mean ± std, published label, published value)``."""
+        return (self.metric, self.label or "(reference only)", self.ours_text(), self.published.label,
+                self.published.value_text())
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict (as ``lab.json`` holds it under ``paper.table``)."""
+        def num(x: float) -> float | None:
+            return x if math.isfinite(x) else None
+
+        value = self.published.value
+        return {"metric": self.metric, "config_key": self.config_key, "label": self.label,
+                "values": [num(v) for v in self.values], "mean": num(self.mean), "std": num(self.std),
+                "n": self.n, "ours": self.ours_text(),
+                "published_label": self.published.label,
+                "published_value": list(value) if isinstance(value, tuple) else value,
+                "published": self.published.value_text(), "source": self.published.source,
+                "note": self.note}
+
+
 @dataclass(frozen=True)
 class Preset:
     """A named grid of configurations plus the claims it should show.
@@ -251,6 +400,11 @@ class Preset:
         claims: what the results should show.
         dataset: the default data set. Default: ``"digits"``.
         seeds: default seeds per configuration. Default: 3.
+        paper: the full citation of the paper the preset reproduces. Default: "".
+        published: the paper's numbers, each beside a grid entry (see :func:`paper_table`).
+            Default: none.
+        metrics: name -> :data:`MetricFn`, the numbers compared with ``published``;
+            ``"test_error_pct"`` (:func:`test_error_pct`) is always there. Default: only it.
     """
 
     name: str
@@ -259,12 +413,17 @@ class Preset:
     claims: tuple[Claim, ...] = ()
     dataset: str = "digits"
     seeds: int = 3
+    paper: str = ""
+    published: tuple[Published, ...] = ()
+    metrics: Mapping[str, MetricFn] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
             raise ConfigError(f"preset name={self.name!r}; expected a non-empty string")
         object.__setattr__(self, "grid", tuple(self.grid))
         object.__setattr__(self, "claims", tuple(self.claims))
+        object.__setattr__(self, "published", tuple(self.published))
+        object.__setattr__(self, "metrics", {"test_error_pct": test_error_pct, **dict(self.metrics)})
         if not self.grid:
             raise ConfigError(f"preset {self.name!r} has an empty grid; give it at least one entry")
         keys = [e.config_key for e in self.grid]
@@ -272,6 +431,15 @@ class Preset:
         if repeated:
             raise ConfigError(f"preset {self.name!r} repeats config key(s) {', '.join(repeated)}")
         _check_int("seeds", self.seeds, 1)
+        for row in self.published:
+            if not isinstance(row, Published):
+                raise ConfigError(f"preset {self.name!r}: published holds {row!r}; expected Published rows")
+            if row.metric not in self.metrics:
+                raise ConfigError(f"preset {self.name!r}: published row {row.label!r} uses metric "
+                                  f"{row.metric!r}; known: {', '.join(self.metrics)} (add it to metrics)")
+            if row.config_key is not None and row.config_key not in keys:
+                raise ConfigError(f"preset {self.name!r}: published row {row.label!r} sits beside "
+                                  f"config {row.config_key!r}, which is not in the grid")
 
     def entry(self, config_key: str) -> GridEntry:
         """The grid entry with this key."""
@@ -279,6 +447,32 @@ class Preset:
             if e.config_key == config_key:
                 return e
         raise ConfigError(f"no config {config_key!r} in preset {self.name!r}")
+
+
+def paper_table(preset: Preset, summaries: Sequence[ConfigSummary] | Mapping[str, ConfigSummary],
+                store: RunStore) -> list[PaperRow]:
+    """One :class:`PaperRow` per published number of ``preset``, in the preset's order:
+    our label and values (``preset.metrics[row.metric]`` over the entry's finished seeds)
+    beside the paper's label and value. A reference row (``config_key`` None) and an
+    entry with no finished run get no values; a metric that raises gets none either, and
+    the row's ``note`` says why. Empty for a preset with nothing published.
+    """
+    by_key = summaries if isinstance(summaries, Mapping) else {s.config_key: s for s in summaries}
+    rows = []
+    for pub in preset.published:
+        s = by_key.get(pub.config_key) if pub.config_key is not None else None
+        values: tuple[float, ...] = ()
+        note = ""
+        if s is not None and s.run_ids:
+            try:
+                values = tuple(float(v) for v in preset.metrics[pub.metric](s, store))
+            except (KeyError, IndexError, ValueError, ZeroDivisionError) as err:
+                note = f"{pub.metric} failed: {type(err).__name__}: {err}"
+        elif pub.config_key is not None:
+            note = "no finished run"
+        label = s.label if s is not None else (preset.entry(pub.config_key).label if pub.config_key else "")
+        rows.append(PaperRow(pub.metric, pub.config_key, label, values, pub, note))
+    return rows
 
 
 PRESETS: dict[str, Preset] = {}
@@ -324,6 +518,7 @@ def load_preset_file(path: str | os.PathLike) -> Preset:
                    "train": {"lr": 0.01}}]}
 
     ``train`` at the top sets every entry's defaults; an entry's ``train`` overrides them.
+    An entry's optional ``dataset`` overrides the preset's for that entry.
 
     Raises:
         ConfigError: unreadable file, bad JSON, unknown field, or a bad value (the
@@ -347,7 +542,7 @@ def load_preset_file(path: str | os.PathLike) -> Preset:
         where = f"preset file {p}, grid[{i}]"
         if not isinstance(item, dict) or "name" not in item or "model" not in item:
             raise ConfigError(f"{where}: expected an object with 'name' and 'model'")
-        extra = sorted(set(item) - {"section", "name", "label", "model", "train"})
+        extra = sorted(set(item) - {"section", "name", "label", "model", "train", "dataset"})
         if extra:
             raise ConfigError(f"{where}: unknown field(s) {', '.join(extra)}")
         try:
@@ -356,7 +551,7 @@ def load_preset_file(path: str | os.PathLike) -> Preset:
             raise ConfigError(f"{where} ({item['name']}), model: {err}") from err
         train = _train_from(item.get("train", {}), base, where)
         entries.append(grid_entry(str(item.get("section", "grid")), str(item["name"]), model, train,
-                                  label=item.get("label")))
+                                  label=item.get("label"), dataset=item.get("dataset")))
     return Preset(name=str(data.get("name", p.stem)), description=str(data.get("description", str(p))),
                   grid=tuple(entries), dataset=str(data.get("dataset", "digits")),
                   seeds=data.get("seeds", 3))

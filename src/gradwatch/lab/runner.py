@@ -34,7 +34,16 @@ import torch
 from gradwatch.errors import ConfigError, GradwatchError
 from gradwatch.lab.data import BUILTIN_DATASETS, Dataset, iterate_minibatches, load_dataset
 from gradwatch.lab.models import build_model
-from gradwatch.lab.presets import ConfigSummary, GridEntry, Preset, TrainSettings, Verdict, get_preset
+from gradwatch.lab.presets import (
+    ConfigSummary,
+    GridEntry,
+    PaperRow,
+    Preset,
+    TrainSettings,
+    Verdict,
+    get_preset,
+    paper_table,
+)
 from gradwatch.store import RunStore
 from gradwatch.watch import watch
 
@@ -393,13 +402,17 @@ def _dataset_key(dataset: str) -> str:
 
 def plan_tasks(preset: Preset, *, dataset: str, seeds: int, epochs: int | None, store: Path,
                cache_dir: Path | None = None) -> list[RunTask]:
-    """Every (configuration, seed) of the grid, with ``epochs`` overriding the preset's."""
+    """Every (configuration, seed) of the grid, with ``epochs`` overriding the preset's.
+
+    An entry with its own ``dataset`` trains on it; the others on ``dataset``.
+    """
     tasks = []
     for entry in preset.grid:
         if epochs is not None:
             entry = replace(entry, train=replace(entry.train, epochs=epochs))
+        data = _dataset_key(entry.dataset) if entry.dataset is not None else dataset
         for seed in range(seeds):
-            tasks.append(RunTask(preset.name, entry, seed, dataset, str(store),
+            tasks.append(RunTask(preset.name, entry, seed, data, str(store),
                                  None if cache_dir is None else str(cache_dir)))
     return tasks
 
@@ -560,6 +573,7 @@ class LabResult:
     resumed: int
     failed: list[RunResult]
     seconds: float
+    paper_rows: list[PaperRow] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """``lab.json`` as docs/lab-contract.md lays it out."""
@@ -581,6 +595,8 @@ class LabResult:
                 for s in self.summaries
             ],
             "claims": [{"claim": text, "held": v.held, "evidence": v.evidence} for text, v in self.claims],
+            **({"paper": {"citation": self.preset.paper, "table": [r.to_dict() for r in self.paper_rows]}}
+               if self.preset.paper or self.paper_rows else {}),
         }
 
     def write_json(self) -> Path:
@@ -641,8 +657,10 @@ def run_lab(
     out_dir = out_dir.expanduser()
     cache_dir = out_dir / "data"
     name = _dataset_key(os.fspath(dataset if dataset is not None else spec.dataset))
-    if name != "digits":  # load it once here: a bad file fails now, and MNIST-1D is cached
-        load_dataset(name, seed=0, cache_dir=cache_dir)
+    own = [_dataset_key(e.dataset) for e in spec.grid if e.dataset is not None]
+    for data in dict.fromkeys([name, *own]):
+        if data != "digits":  # load it once here: a bad file fails now, and MNIST-1D is cached
+            load_dataset(data, seed=0, cache_dir=cache_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -680,12 +698,14 @@ def run_lab(
             _diagnose(store, run_ids[i])
         summaries = summarize(store, spec, tasks, run_ids)
         verdicts = check_claims(spec, summaries, store)
+        paper_rows = paper_table(spec, summaries, store)
     all_epochs = [t.entry.train.epochs for t in tasks]
     result = LabResult(
-        preset=spec, dataset=name, seeds=seeds, epochs=max(set(all_epochs), key=all_epochs.count),
+        preset=spec, dataset=", ".join(dict.fromkeys(t.dataset for t in tasks)) or name, seeds=seeds,
+        epochs=max(set(all_epochs), key=all_epochs.count),
         out=out_dir, store=store_path, summaries=summaries, claims=verdicts,
         ran=len(todo), resumed=len(tasks) - len(todo), failed=failed,
-        seconds=time.perf_counter() - started,
+        seconds=time.perf_counter() - started, paper_rows=paper_rows,
     )
     result.write_json()
     return result

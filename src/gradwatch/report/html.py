@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from matplotlib.figure import Figure
 
 from gradwatch import __version__
-from gradwatch.report import figures, meanfield, verdicts
+from gradwatch.report import figures, meanfield, papers, verdicts
 from gradwatch.report.data import NothingToPlot, ReportData, RunData
 
 __all__ = ["render", "SECTIONS"]
@@ -446,6 +446,9 @@ def render(data: ReportData) -> str:
     claims = _claims_table(data.lab) if data.lab else ""
     if claims:
         blocks.insert(0, f"<section id='claims'><h2>What the lab checked</h2>{claims}</section>")
+    paper = papers.paper_html(data.lab)
+    if paper:
+        blocks.insert(0, paper)
     if skipped:
         items = "".join(f"<li>{_e(s.heading)}: {_e(why)}</li>" for s, why in skipped)
         blocks.append(f"<section id='not-shown'><h2>Not shown</h2><ul class='muted'>{items}</ul></section>")

@@ -1,0 +1,124 @@
+"""Paper presets: Published rows beside ours (paper_table), per-entry data sets, the report
+and the terminal table; the Shapeset-3x2 generator; glorot2010 and he2015 at reduced size.
+"""
+
+import json
+import math
+
+import pytest
+from typer.testing import CliRunner
+
+from gradwatch.cli import app
+from gradwatch.errors import ConfigError
+from gradwatch.lab.models import ModelConfig
+from gradwatch.lab.presets import (
+    Claim,
+    Preset,
+    Published,
+    TrainSettings,
+    Verdict,
+    grid_entry,
+    paper_table,
+)
+from gradwatch.lab.runner import InProcessBackend, plan_tasks, run_lab
+from gradwatch.report import report
+from gradwatch.store import RunStore
+
+TRAIN = TrainSettings(epochs=1, every=5, lr=3e-3)
+
+
+def _first_layer_std(summary, store):
+    """A per-seed metric read from the store: the first hidden layer's output std at step 0."""
+    out = []
+    for rid in summary.run_ids:
+        m = store.metrics(rid, layers=["hidden.0.linear"], metrics=["output_std"])
+        out.append(float(m["output_std"].iloc[0]))
+    return tuple(out)
+
+
+def _paper_preset(**changes) -> Preset:
+    fields = dict(
+        name="paper-test", description="a tiny paper preset",
+        grid=(grid_entry("g", "relu", ModelConfig(depth=2, width=16, activation="relu", init="he"), TRAIN),
+              grid_entry("g", "relu-m1d", ModelConfig(depth=2, width=16, activation="relu", init="he"), TRAIN,
+                         dataset="mnist1d")),
+        claims=(Claim("learns", lambda s, st: Verdict(s["g/relu"].test_acc_mean > 0.3, "acc")),),
+        seeds=2, paper="A. Author (2000), A paper.",
+        published=(Published("g/relu", "test_error_pct", 12.5, "ReLU", "Table 1"),
+                   Published("g/relu", "first_std", (0.5, 1.5), "ReLU std", "Fig. 2"),
+                   Published(None, "test_error_pct", 6.43, "ReLU-110", "Table 6")),
+        metrics={"first_std": _first_layer_std},
+    )
+    fields.update(changes)
+    return Preset(**fields)
+
+
+def test_published_rejects_bad_rows_with_advice():
+    with pytest.raises(ConfigError, match="range"):
+        Published("g/relu", "test_error_pct", (2.0, 1.0), "x")
+    with pytest.raises(ConfigError, match="finite number"):
+        Published("g/relu", "test_error_pct", math.nan, "x")
+    with pytest.raises(ConfigError, match="known: test_error_pct, first_std"):
+        _paper_preset(published=(Published("g/relu", "nope", 1.0, "x"),))
+    with pytest.raises(ConfigError, match="'g/absent', which is not in the grid"):
+        _paper_preset(published=(Published("g/absent", "test_error_pct", 1.0, "x"),))
+    assert Published(None, "m", (0.82, 0.88), "w2").value_text() == "0.82-0.88"
+
+
+def test_entry_dataset_overrides_the_lab_dataset(tmp_path):
+    tasks = plan_tasks(_paper_preset(), dataset="digits", seeds=2, epochs=None, store=tmp_path / "s.db")
+    assert [(t.entry.config_key, t.dataset) for t in tasks] == [
+        ("g/relu", "digits"), ("g/relu", "digits"), ("g/relu-m1d", "mnist1d"), ("g/relu-m1d", "mnist1d")]
+
+
+@pytest.fixture(scope="module")
+def paper_lab(tmp_path_factory):
+    out = tmp_path_factory.mktemp("paper-lab")
+    return run_lab(_paper_preset(), out=out, backend=InProcessBackend())
+
+
+def test_paper_table_puts_our_seeds_beside_the_published_numbers(paper_lab):
+    result = paper_lab
+    assert not result.failed, result.failed[0].error
+    rows = result.paper_rows
+    assert [r.published.label for r in rows] == ["ReLU", "ReLU std", "ReLU-110"]
+    by_key = {s.config_key: s for s in result.summaries}
+    accs = by_key["g/relu"].test_acc
+    assert rows[0].values == pytest.approx(tuple(100 * (1 - a) for a in accs))
+    assert rows[0].n == 2 and rows[0].mean == pytest.approx(100 * (1 - sum(accs) / 2))
+    with RunStore(result.store) as store:
+        assert rows[1].values == pytest.approx(_first_layer_std(by_key["g/relu"], store))
+        assert paper_table(result.preset, result.summaries, store)[1].values == rows[1].values
+    assert rows[2].values == () and rows[2].cells()[1:] == ("(reference only)", "-", "ReLU-110", "6.43")
+    with RunStore(result.store) as store:
+        configs = {s.config_key: store.run(s.run_ids[0])["config"]["dataset"] for s in result.summaries}
+    assert configs == {"g/relu": "digits", "g/relu-m1d": "mnist1d"}
+    lab = json.loads((result.out / "lab.json").read_text())
+    assert lab["dataset"] == "digits, mnist1d"
+    assert lab["paper"]["citation"] == "A. Author (2000), A paper."
+    assert [r["published"] for r in lab["paper"]["table"]] == ["12.5", "0.5-1.5", "6.43"]
+    assert lab["paper"]["table"][0]["mean"] == pytest.approx(rows[0].mean)
+
+
+def test_resume_keeps_the_entry_dataset(paper_lab):
+    again = run_lab(_paper_preset(), out=paper_lab.out, backend=InProcessBackend())
+    assert again.ran == 0 and again.resumed == 4
+
+
+def test_report_shows_the_paper_table_and_verdicts(paper_lab):
+    page = report(lab_dir=paper_lab.out).read_text()
+    assert "Beside the paper" in page and "A. Author (2000), A paper." in page
+    row = paper_lab.paper_rows[0]
+    assert row.ours_text() in page and "ReLU-110" in page and "6.43" in page
+    assert "What the lab checked" in page
+
+
+def test_terminal_summary_prints_the_paper_table(paper_lab, monkeypatch):
+    from gradwatch.lab import presets
+
+    monkeypatch.setitem(presets.PRESETS, "paper-test", _paper_preset())
+    result = CliRunner().invoke(app, ["lab", "--preset", "paper-test", "--out", str(paper_lab.out),
+                                      "--workers", "1"], env={"COLUMNS": "240"})
+    assert result.exit_code == 0, result.output
+    assert "beside the paper" in result.output and "ReLU-110" in result.output
+    assert paper_lab.paper_rows[0].ours_text() in result.output
