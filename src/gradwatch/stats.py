@@ -50,9 +50,10 @@ def output_moments(output: Tensor) -> Tensor:
     pool exactly. Two fast reductions: ``torch.std_mean`` costs ten times more on CPU.
     """
     x = output.detach()
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     if not x.is_floating_point():
         x = x.float()
-    return torch.stack([x.sum(dtype=torch.float32), torch.linalg.vector_norm(x, dtype=torch.float32)])
+    return torch.stack([x.sum(dtype=dtype), torch.linalg.vector_norm(x, dtype=dtype)]).float()
 
 
 def moments_from_sums(total: float, norm_sq: float, count: int) -> tuple[float, float]:

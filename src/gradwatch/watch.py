@@ -396,10 +396,16 @@ class Watcher:
         return on_output_grad
 
     def _queue_backward_end(self, record: _Step) -> None:
-        """Run :meth:`_on_backward_end` once when the current backward pass finishes."""
+        """Run :meth:`_on_backward_end` once when the current backward pass finishes.
+
+        The callback re-queues itself once, so that it runs after the callbacks that
+        others queued during the backward pass: DDP and FSDP finish their gradient
+        all-reduce (reduce-scatter) in such a callback.
+        """
         if not record.backward_queued:
             record.backward_queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(lambda: self._on_backward_end(record))
+            engine = torch.autograd.Variable._execution_engine
+            engine.queue_callback(lambda: engine.queue_callback(lambda: self._on_backward_end(record)))
 
     def _arm(self) -> None:
         for layer in self._layers:
