@@ -122,3 +122,70 @@ def test_terminal_summary_prints_the_paper_table(paper_lab, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "beside the paper" in result.output and "ReLU-110" in result.output
     assert paper_lab.paper_rows[0].ours_text() in result.output
+
+
+# --- Shapeset-3x2 ----------------------------------------------------------------------------
+
+
+def test_shapeset_is_deterministic_balanced_and_fast():
+    import time
+
+    import numpy as np
+
+    from gradwatch.lab.shapeset import SHAPESET_CLASSES, make_shapeset
+
+    start = time.perf_counter()
+    x, y = make_shapeset(3000, seed=7)
+    seconds = time.perf_counter() - start
+    assert seconds < 5.0  # ~0.5 s on an idle core; generous for a loaded CI machine
+    assert x.shape == (3000, 1, 32, 32) and x.dtype == np.float32 and y.dtype == np.int64
+    assert len(SHAPESET_CLASSES) == 9 and set(np.unique(y)) == set(range(9))
+    counts = np.bincount(y, minlength=9)
+    assert counts.min() > 3000 / 9 * 0.8 and counts.max() < 3000 / 9 * 1.2
+    assert 0.0 <= x.min() and x.max() <= 1.0
+    again, y_again = make_shapeset(3000, seed=7)
+    assert np.array_equal(x, again) and np.array_equal(y, y_again)
+    assert not np.array_equal(x, make_shapeset(3000, seed=8)[0])
+
+
+def test_shapeset_images_hold_one_or_two_visible_shapes():
+    """A single-shape image has two grey levels (background, shape), a two-shape one three
+    (unless both shapes drew the same grey); every shape differs from the background by at
+    least MIN_CONTRAST and covers a plausible share of the image.
+    """
+    import numpy as np
+
+    from gradwatch.lab.shapeset import MIN_CONTRAST, make_shapeset
+
+    x, y = make_shapeset(900, seed=3)
+    flat = x.reshape(len(x), -1)
+    levels = np.array([np.unique(img).size for img in flat])
+    assert (levels[y < 3] == 2).all()
+    assert np.mean(levels[y >= 3] == 3) > 0.95
+    background = np.array([np.bincount(np.unique(img, return_inverse=True)[1]).argmax() for img in flat])
+    greys = [np.unique(img) for img in flat]
+    for grey, bg in zip(greys[:100], background[:100], strict=True):
+        shapes = np.delete(grey, bg)
+        assert (np.abs(shapes - grey[bg]) >= MIN_CONTRAST - 1e-6).all()
+    share = np.array([np.mean(img != g[b]) for img, g, b in zip(flat, greys, background, strict=True)])
+    assert 0.03 < np.median(share[y < 3]) < 0.4
+    assert np.median(share[y >= 3]) > np.median(share[y < 3])  # two shapes cover more
+
+
+def test_load_dataset_knows_shapeset():
+    from gradwatch.lab.data import BUILTIN_DATASETS, BUILTIN_INPUT_SHAPES, load_dataset
+
+    assert "shapeset" in BUILTIN_DATASETS
+    data = load_dataset("shapeset", seed=2)
+    assert data.input_shape == BUILTIN_INPUT_SHAPES["shapeset"] == (1, 32, 32)
+    assert data.n_classes == 9 and data.n_train + data.n_test == 6000
+    assert abs(float(data.x_train.mean())) < 1e-3  # standardised per pixel on the train split
+
+
+def test_make_shapeset_rejects_bad_arguments():
+    from gradwatch.lab.shapeset import make_shapeset
+
+    with pytest.raises(ConfigError, match="num_samples=0; expected an integer >= 1"):
+        make_shapeset(0)
+    with pytest.raises(ConfigError, match="size=4"):
+        make_shapeset(10, size=4)

@@ -111,7 +111,8 @@ def _list_presets() -> None:
 def lab(
     preset: Annotated[str, typer.Option("--preset", "-p", help="Preset name (see --list) or a .json grid.")]
     = "seed",
-    dataset: Annotated[str | None, typer.Option(help="digits, mnist1d, or a .npz/.csv file.")] = None,
+    dataset: Annotated[str | None, typer.Option(help="digits, mnist1d, shapeset, or a .npz/.csv file.")]
+    = None,
     seeds: Annotated[int | None, typer.Option(help="Seeds per configuration [default: the preset's].")]
     = None,
     epochs: Annotated[int | None, typer.Option(help="Epochs of every run [default: the preset's].")]

@@ -13,6 +13,9 @@ training starts, saying what is wrong, where, and how to fix it.
   about 3 s on one core, so the result is cached as ``mnist1d_n5000_seed42.npz`` under
   ``cache_dir`` (default ``./gradwatch-runs/data/``). The package's own 80/20 split is
   pooled and re-split by ``seed`` like every other data set. ``input_shape`` (1, 40).
+* ``"shapeset"``: Shapeset-3x2 (Glorot & Bengio 2010), 6,000 32x32 grey images of one
+  or two shapes, 9 classes, drawn by :func:`gradwatch.lab.shapeset.make_shapeset`
+  (generator seed 1234, under two seconds, not cached). ``input_shape`` (1, 32, 32).
 * a path to ``.npz`` with arrays ``x`` (n_examples, ...) and ``y`` (n_examples,), or
   to ``.csv`` (comma separated, last column the label, header row optional).
 """
@@ -20,6 +23,7 @@ training starts, saying what is wrong, where, and how to fix it.
 from __future__ import annotations
 
 import csv
+import functools
 import math
 import os
 import random
@@ -36,6 +40,7 @@ from gradwatch.errors import ConfigError, DataError
 
 __all__ = [
     "BUILTIN_DATASETS",
+    "BUILTIN_INPUT_SHAPES",
     "DEFAULT_CACHE_DIR",
     "Dataset",
     "load_dataset",
@@ -43,7 +48,8 @@ __all__ = [
     "iterate_minibatches",
 ]
 
-BUILTIN_DATASETS = ("digits", "mnist1d")
+BUILTIN_DATASETS = ("digits", "mnist1d", "shapeset")
+BUILTIN_INPUT_SHAPES = {"digits": (1, 8, 8), "mnist1d": (1, 40), "shapeset": (1, 32, 32)}
 DEFAULT_CACHE_DIR = Path("gradwatch-runs") / "data"
 MNIST1D_NUM_SAMPLES = 5000  # the package's default; make_dataset takes ~3 s for it
 MNIST1D_SEED = 42  # the package's default generator seed: the canonical MNIST-1D
@@ -111,7 +117,7 @@ def load_dataset(
     """Load a built-in data set or a user's file, split and standardised.
 
     Args:
-        name_or_path: ``"digits"``, ``"mnist1d"``, or a path to a ``.npz`` (arrays ``x``,
+        name_or_path: ``"digits"``, ``"mnist1d"``, ``"shapeset"``, or a path to a ``.npz`` (arrays ``x``,
             ``y``) or ``.csv`` (last column the label) file.
         seed: chooses the stratified train/test split (same seed, same split). Default: 0.
         cache_dir: where generated data sets (MNIST-1D) are cached.
@@ -130,6 +136,8 @@ def load_dataset(
         name = key.lower()
         if name == "digits":
             x, y = _load_digits()
+        elif name == "shapeset":
+            x, y = _load_shapeset()
         else:
             x, y = _load_mnist1d(Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR)
     else:
@@ -230,6 +238,14 @@ def _load_digits() -> tuple[np.ndarray, np.ndarray]:
 
     digits = load_digits()
     return digits.images[:, None, :, :], digits.target  # (1797, 1, 8, 8): a one-channel image
+
+
+@functools.lru_cache(maxsize=1)
+def _load_shapeset() -> tuple[np.ndarray, np.ndarray]:
+    """The lab's Shapeset-3x2 sample, drawn once per process (``prepare_arrays`` copies it)."""
+    from gradwatch.lab.shapeset import make_shapeset
+
+    return make_shapeset()
 
 
 def _load_mnist1d(cache_dir: Path) -> tuple[np.ndarray, np.ndarray]:
