@@ -708,7 +708,7 @@ def _big_store(path, runs=50, layers=20, steps=1000):
         )
         store.finish_run(run_id)
     store.close()
-    assert len(LAYER_METRICS) == 10
+    assert len(LAYER_METRICS) >= 10  # rows give the first ten; the store pads the rest
 
 
 @pytest.mark.slow
