@@ -1,0 +1,275 @@
+"""The ``resnet2016`` preset: plain vs residual stacks of increasing depth (He et al. 2016).
+
+He, Zhang, Ren & Sun show the *degradation problem*: deeper plain networks (with batch
+normalisation) reach a higher training and test error than shallower ones, while residual
+networks of the same depth do not degrade and gain from depth (CIFAR-10 test error of
+ResNets, Table 6: 20 layers 8.75%, 32: 7.51%, 44: 7.17%, 56: 6.97%, 110: 6.43%; ImageNet
+top-1, Table 2: plain-18 27.94%, plain-34 28.54%, ResNet-18 27.88%, ResNet-34 25.03%).
+They argue that it is not vanishing gradients: the plain nets use BN, so "neither forward
+nor backward signals vanish", and they "verify that the backward propagated gradients
+exhibit healthy norms with BN".
+
+Ours, scaled down to a few minutes on two cores: 1-d CNNs on MNIST-1D (generated offline)
+with 8, 20 and 56 hidden conv layers of 16 channels (kernel 3, same padding, no pooling),
+BatchNorm and ReLU after each convolution, He init, trained with Adam (lr 1e-3, batches of
+64) for 8 epochs. Residual blocks are the lab's ``h + relu(bn(conv(h)))`` (every block
+after the first), a one-convolution block rather than the paper's two-convolution basic
+block. Our "56 layers" counts hidden conv layers (plus the linear head), as the paper's
+6n + 2 counts weight layers.
+
+Telemetry: the watcher records delta RMS (the back-propagated error dL/d(output)) of every
+layer at every logged step; ``delta_ratio`` is the first over the last hidden conv layer's,
+at initialisation and over training. Below 1 it vanishes toward the input, above 1 it grows.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from gradwatch.lab.models import ModelConfig
+from gradwatch.lab.presets import (
+    Claim,
+    ClaimCheck,
+    ConfigSummary,
+    Preset,
+    Published,
+    TrainSettings,
+    Verdict,
+    format_number,
+    grid_entry,
+    register_preset,
+)
+from gradwatch.store import RunStore
+
+__all__ = [
+    "PAPER",
+    "DEPTHS",
+    "RESNET_TRAIN",
+    "resnet_key",
+    "resnet_preset",
+    "final_train_loss",
+    "delta_ratio_series",
+]
+
+PAPER = ("Kaiming He, Xiangyu Zhang, Shaoqing Ren and Jian Sun (2016). Deep Residual Learning for "
+         "Image Recognition. CVPR 2016, 770-778; arXiv:1512.03385.")
+DEPTHS = (8, 20, 56)
+WIDTH = 16  # the paper's first stage on CIFAR-10 has 16 filters
+RESNET_TRAIN = TrainSettings(optimizer="adam", lr=1e-3, epochs=8, batch_size=64, every=10)
+NOT_WORSE_PTS = 2.0  # "residual nets do not degrade": deepest within this many points of the shallowest
+HEALTHY = (0.1, 10.0)  # a first/last delta ratio in this band neither vanishes nor explodes
+
+
+def resnet_key(residual: bool, depth: int) -> str:
+    """The config key of one stack, ``plain/cnn-d<depth>`` or ``residual/cnn-d<depth>``."""
+    return f"{'residual' if residual else 'plain'}/cnn-d{depth}"
+
+
+def _model(residual: bool, depth: int) -> ModelConfig:
+    return ModelConfig(kind="cnn", depth=depth, width=WIDTH, activation="relu", init="he",
+                       batch_norm=True, residual=residual)
+
+
+# --- reading the runs ----------------------------------------------------------------------------
+
+
+def final_train_loss(summary: ConfigSummary, store: RunStore) -> tuple[float, ...]:
+    """``metrics["final_train_loss"]``: the last epoch's mean training loss, per seed (the
+    paper's degradation is seen on the training set first).
+    """
+    out = []
+    for run_id in summary.run_ids:
+        s = store.scalars(run_id, names=["train_loss"])
+        values = s["train_loss"].dropna() if "train_loss" in s else []
+        out.append(float(values.iloc[-1]) if len(values) else math.nan)
+    return tuple(out)
+
+
+def delta_ratio_series(store: RunStore, run_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(steps, ratio)``: first over last hidden conv (or linear) layer's delta RMS at each
+    logged step; BatchNorm layers and the head are not counted (docs/lab-contract.md).
+    """
+    m = store.metrics(run_id, metrics=["delta_rms"])
+    p = m[(m["kind"] == "param") & m["layer"].str.startswith("hidden.") & ~m["type"].str.contains("Norm")]
+    if p.empty:
+        return np.array([]), np.array([])
+    wide = p.pivot_table(index="step", columns="layer_id", values="delta_rms")
+    first, last = wide.iloc[:, 0].to_numpy(float), wide.iloc[:, -1].to_numpy(float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return wide.index.to_numpy(float), np.where(last > 0, first / last, np.nan)
+
+
+def _forward_std(store: RunStore, run_id: int) -> tuple[float, float]:
+    """Smallest and largest output std of the hidden BatchNorm layers at initialisation."""
+    m = store.metrics(run_id, metrics=["output_std"])
+    bn = m[m["layer"].str.startswith("hidden.") & m["type"].str.contains("Norm")]
+    bn = bn[bn["step"] == bn["step"].min()]["output_std"].dropna()
+    if bn.empty:
+        return math.nan, math.nan
+    return float(bn.min()), float(bn.max())
+
+
+def _geomean(values: Sequence[float]) -> float:
+    logs = [math.log(v) for v in values if v > 0 and math.isfinite(v)]
+    return math.exp(statistics.fmean(logs)) if logs else math.nan
+
+
+# --- claims ----------------------------------------------------------------------------------
+
+
+def _plain_degrades_claim(keys: Sequence[str]) -> ClaimCheck:
+    def check(summaries: Mapping[str, ConfigSummary], store: RunStore) -> Verdict:
+        rows = sorted(_rows(summaries, keys, store))
+        errs = [e for _, e, _ in rows]
+        losses = [loss for _, _, loss in rows]
+        held = all(a < b for a, b in zip(errs, errs[1:], strict=False)) and \
+            all(a < b for a, b in zip(losses, losses[1:], strict=False))
+        return Verdict(held, "plain nets by depth: " + "; ".join(
+            f"{d} layers: test error {e:.1f}%, final train loss {format_number(t)}" for d, e, t in rows)
+            + " (need both to rise with depth)")
+    return check
+
+
+def _rows(summaries: Mapping[str, ConfigSummary], keys: Sequence[str], store: RunStore
+          ) -> list[tuple[int, float, float]]:
+    out = []
+    for key in keys:
+        s = summaries[key]
+        out.append((s.entry.model.depth, 100 * (1 - s.test_acc_mean),
+                    statistics.fmean(final_train_loss(s, store))))
+    return out
+
+
+def _residual_holds_claim(keys: Sequence[str], margin: float) -> ClaimCheck:
+    def check(summaries: Mapping[str, ConfigSummary], store: RunStore) -> Verdict:
+        rows = sorted(_rows(summaries, keys, store))
+        shallow, deep = rows[0], rows[-1]
+        held = deep[1] <= shallow[1] + margin
+        return Verdict(held, "residual nets by depth: " + "; ".join(
+            f"{d} layers: test error {e:.1f}%, final train loss {format_number(t)}" for d, e, t in rows)
+            + f" (need the deepest's test error within {margin:g} points of the shallowest's or below)")
+    return check
+
+
+def _residual_beats_plain_claim(pairs: Sequence[tuple[str, str]]) -> ClaimCheck:
+    def check(summaries: Mapping[str, ConfigSummary], store: RunStore) -> Verdict:
+        parts, held = [], True
+        for plain, residual in pairs:
+            p, r = summaries[plain], summaries[residual]
+            ep, er = 100 * (1 - p.test_acc_mean), 100 * (1 - r.test_acc_mean)
+            held &= er < ep
+            parts.append(f"{p.entry.model.depth} layers: plain {ep:.1f}%, residual {er:.1f}%")
+        return Verdict(held, "test error: " + "; ".join(parts))
+    return check
+
+
+def _not_vanishing_claim(key: str) -> ClaimCheck:
+    """Neither forward nor backward signals vanish in the deepest plain net."""
+    def check(summaries: Mapping[str, ConfigSummary], store: RunStore) -> Verdict:
+        s = summaries[key]
+        lows, inits, stds = [], [], []
+        for run_id in s.run_ids:
+            _, ratio = delta_ratio_series(store, run_id)
+            ratio = ratio[np.isfinite(ratio)]
+            if not len(ratio):
+                raise ValueError(f"run {run_id} recorded no delta RMS")
+            lows.append(float(ratio.min()))
+            inits.append(float(ratio[0]))
+            stds.append(_forward_std(store, run_id))
+        low_std = min(lo for lo, _ in stds)
+        held = min(lows) >= HEALTHY[0] and low_std >= 0.5
+        return Verdict(held, f"{s.label}: first/last hidden delta RMS at initialisation "
+                             + ", ".join(format_number(v) for v in inits)
+                             + "; smallest over training " + ", ".join(format_number(v) for v in lows)
+                             + f" (need >= {HEALTHY[0]:g}: not vanishing); BatchNorm outputs' std at "
+                             f"initialisation >= {low_std:.2f} (need >= 0.5: forward signal kept)")
+    return check
+
+
+def _healthy_norms_claim(key: str) -> ClaimCheck:
+    """The paper's 'healthy norms': the deepest plain net's first/last delta ratio within HEALTHY."""
+    def check(summaries: Mapping[str, ConfigSummary], store: RunStore) -> Verdict:
+        s = summaries[key]
+        inits, meds, highs = [], [], []
+        for run_id in s.run_ids:
+            _, ratio = delta_ratio_series(store, run_id)
+            ratio = ratio[np.isfinite(ratio)]
+            if not len(ratio):
+                raise ValueError(f"run {run_id} recorded no delta RMS")
+            inits.append(float(ratio[0]))
+            meds.append(float(np.median(ratio)))
+            highs.append(float(ratio.max()))
+        low, high = HEALTHY
+        held = all(low <= v <= high for v in meds + inits)
+        return Verdict(held, f"{s.label}: first/last hidden delta RMS at initialisation "
+                             f"{format_number(_geomean(inits))} (geometric mean over seeds), median over "
+                             f"training {format_number(_geomean(meds))}, "
+                             f"largest {format_number(max(highs))}; "
+                             f"need within [{low:g}, {high:g}] at initialisation and in the median")
+    return check
+
+
+# --- the preset --------------------------------------------------------------------------------
+
+
+def resnet_preset(depths: Sequence[int] = DEPTHS, *, train: TrainSettings = RESNET_TRAIN,
+                  seeds: int = 3) -> Preset:
+    """The ``resnet2016`` preset over ``depths`` (smaller grids for tests)."""
+    depths = tuple(sorted(depths))
+    grid = tuple(
+        grid_entry("residual" if res else "plain", resnet_key(res, d).split("/", 1)[1], _model(res, d), train)
+        for res in (False, True) for d in depths
+    )
+    plain = [resnet_key(False, d) for d in depths]
+    residual = [resnet_key(True, d) for d in depths]
+    deepest = resnet_key(False, depths[-1])
+
+    def beside(depth: int, residual_net: bool) -> str | None:
+        return resnet_key(residual_net, depth) if depth in depths else None
+
+    published = (
+        Published(beside(20, True), "test_error_pct", 8.75, "ResNet-20", "Table 6, CIFAR-10"),
+        Published(None, "test_error_pct", 7.51, "ResNet-32", "Table 6, CIFAR-10"),
+        Published(None, "test_error_pct", 7.17, "ResNet-44", "Table 6, CIFAR-10"),
+        Published(beside(56, True), "test_error_pct", 6.97, "ResNet-56", "Table 6, CIFAR-10"),
+        Published(None, "test_error_pct", 6.43, "ResNet-110", "Table 6, CIFAR-10"),
+        Published(beside(20, False), "test_error_pct", 27.94, "plain-18", "Table 2, ImageNet top-1"),
+        Published(beside(56, False), "test_error_pct", 28.54, "plain-34", "Table 2, ImageNet top-1"),
+        Published(beside(20, True), "test_error_pct", 27.88, "ResNet-18", "Table 2, ImageNet top-1"),
+        Published(beside(56, True), "test_error_pct", 25.03, "ResNet-34", "Table 2, ImageNet top-1"),
+    )
+    claims = (
+        Claim("plain nets get worse with depth: test error and final training loss rise with depth",
+              _plain_degrades_claim(plain)),
+        Claim(f"residual nets do not: the deepest one's test error is no more than {NOT_WORSE_PTS:g} "
+              "points above the shallowest one's", _residual_holds_claim(residual, NOT_WORSE_PTS)),
+        Claim("at every depth beyond the shallowest the residual net beats the plain one",
+              _residual_beats_plain_claim([(resnet_key(False, d), resnet_key(True, d)) for d in depths[1:]])),
+        Claim(f"the deepest plain net's degradation is not vanishing gradients: its first/last delta "
+              f"RMS stays >= {HEALTHY[0]:g} at every logged step and BN keeps the forward signal",
+              _not_vanishing_claim(deepest)),
+        Claim(f"the deepest plain net's back-propagated gradients have healthy norms (the paper's words): "
+              f"first/last delta RMS within [{HEALTHY[0]:g}, {HEALTHY[1]:g}] at initialisation and in "
+              "its median over training", _healthy_norms_claim(deepest)),
+    )
+    return Preset(
+        name="resnet2016",
+        description=(f"plain vs residual 1-d CNNs (BN, ReLU, He init, {WIDTH} channels) of "
+                     f"{'/'.join(map(str, depths))} layers on MNIST-1D, Adam {train.epochs} epochs "
+                     "(He et al. 2016, scaled down from CIFAR-10); about 8 minutes on 2 cores"),
+        grid=grid,
+        claims=claims,
+        dataset="mnist1d",
+        seeds=seeds,
+        paper=PAPER,
+        # a plain row with no plain net beside it (a test's smaller grid) says nothing: dropped
+        published=tuple(p for p in published if p.config_key is not None or p.label.startswith("ResNet-")),
+        metrics={"final_train_loss": final_train_loss},
+    )
+
+
+register_preset(resnet_preset())
