@@ -1,0 +1,782 @@
+"""Several seeds of one lab configuration trained at once, as one batched network.
+
+K lab runs that differ only by seed (same model, training settings, data set and
+store) train in one process: :func:`torch.func.stack_module_state` stacks the K
+models' parameters into leaf tensors with a leading seed dimension, each layer of
+the lab's MLP runs as one batched op over that dimension (``baddbmm`` for a Linear,
+the activation module itself elementwise, one batch norm over K x width features),
+``sum_k loss_k`` is back-propagated once (seed k's loss depends only on its own
+slice, so each slice of the gradient is seed k's exact gradient), and one
+``torch.optim`` optimizer steps the stacked leaves: Adam and SGD are elementwise,
+so every seed gets the update it would get alone. Each seed keeps its own data
+split and batch order, drawn exactly as :func:`gradwatch.lab.runner.run_task` draws
+them.
+
+Why batched ops and not ``vmap(functional_call(model, ...))``: on a CPU, for the
+lab's width-64 layers, vmap turns each Linear into ten autograd-recorded ops
+(transpose, expand, view, bmm, ...), and its forward plus backward measured 2.4x
+slower than these batched ops (2 cores, K = 5, depth 10): the vmap path gave 1.6-1.9x
+the throughput of sequential runs, short of the 3x this module is for.
+
+What is recorded mirrors :class:`gradwatch.watch.Watcher` with the lab's settings
+(``every`` from the config, activation sample 2048, 8 tracked weights, the
+gradient-norm window, no alerts): every stored number of the K runs equals the
+number K sequential ``run_task`` calls store, to float32 rounding (the tests
+compare them all, to 1e-5), and only ``config["lab"]["vectorized"]`` tells them
+apart. Statistics go through :mod:`gradwatch.stats` on the same samples as the
+watcher (``sample_index(seed=layer_id)``); only plain reductions (sums and norms)
+are taken for all seeds at once. A change to what the watcher records must be made
+here too: ``tests/test_lab_vectorized.py`` fails until it is.
+
+Configurations it does not cover (the CNN) run one seed at a time, as before:
+:func:`vectorize_reason` says why.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import stack_module_state
+
+from gradwatch.activations import Activation, activation_for_module
+from gradwatch.errors import ConfigError
+from gradwatch.lab.models import MLP, build_model
+from gradwatch.lab.presets import GridEntry
+from gradwatch.lab.runner import (
+    _STOP_MESSAGE,
+    RunEvent,
+    RunResult,
+    RunTask,
+    StoppedByUser,
+    _dataset,
+    _diagnose,
+    _optimizer,
+)
+from gradwatch.stats import (
+    ACTIVATION_STATS,
+    activation_inputs,
+    batched_region_stats,
+    input_quantiles,
+    moments_from_sums,
+    sample_index,
+)
+from gradwatch.store import LAYER_METRICS, RunStore
+
+__all__ = [
+    "SeedGroup",
+    "GroupResult",
+    "SeedGrouping",
+    "vectorize_reason",
+    "group_seeds",
+    "run_group",
+]
+
+# The watcher's settings in a lab run (watch() defaults; see gradwatch.watch).
+_ACTIVATION_SAMPLE = 2048
+_WEIGHT_SAMPLES = 8
+_UPDATE_SAMPLE = 4096
+_QUANTILE_METRICS = ("input_q15", "input_q50", "input_q85")  # stats.INPUT_QUANTILES
+_METRIC_INDEX = {name: i for i, name in enumerate(LAYER_METRICS)}
+
+
+def vectorize_reason(entry: GridEntry) -> str | None:
+    """Why ``entry``'s seeds cannot train as one batched network; None when they can."""
+    if entry.model.kind != "mlp":
+        return (f"{entry.config_key}: a {entry.model.kind} configuration runs one seed at a time "
+                "(the batched path covers the lab's MLP)")
+    return None
+
+
+# --- groups of tasks -----------------------------------------------------------------------------
+
+
+def _group_key(task: RunTask) -> tuple:
+    """Everything of a task but its seed."""
+    return (task.preset, task.entry, task.dataset, task.store, task.cache_dir)
+
+
+@dataclass(frozen=True)
+class SeedGroup:
+    """Two or more :class:`RunTask` s that differ only by seed, trained together.
+
+    A backend runs it like a task: :func:`gradwatch.lab.runner.run_task` hands it to
+    :func:`run_group`, which returns a :class:`GroupResult`.
+    """
+
+    tasks: tuple[RunTask, ...]
+
+    def __post_init__(self) -> None:
+        tasks = tuple(self.tasks)
+        object.__setattr__(self, "tasks", tasks)
+        if len(tasks) < 2:
+            raise ConfigError(f"a seed group needs at least 2 tasks; got {len(tasks)}")
+        if len({_group_key(t) for t in tasks}) != 1:
+            raise ConfigError("a seed group's tasks must differ only by seed (same preset, configuration, "
+                              "data set and store); group them with group_seeds()")
+        seeds = [t.seed for t in tasks]
+        if len(set(seeds)) != len(seeds):
+            raise ConfigError(f"a seed group's seeds must be distinct; got {seeds}")
+        reason = vectorize_reason(tasks[0].entry)
+        if reason is not None:
+            raise ConfigError(f"cannot vectorize {reason}")
+
+    @property
+    def entry(self) -> GridEntry:  # noqa: D102
+        return self.tasks[0].entry
+
+    @property
+    def seeds(self) -> tuple[int, ...]:  # noqa: D102
+        return tuple(t.seed for t in self.tasks)
+
+    @property
+    def run_name(self) -> str:
+        """``preset/config_key/seeds0,1,2``: the progress display's name for the group."""
+        t = self.tasks[0]
+        return f"{t.preset}/{t.entry.config_key}/seeds{','.join(map(str, self.seeds))}"
+
+
+@dataclass(frozen=True)
+class GroupResult(RunResult):
+    """A :class:`SeedGroup`'s outcome: ``runs`` holds one :class:`RunResult` per task, in order.
+
+    ``status`` is ``finished`` when every run finished; ``test_acc`` is their mean.
+    """
+
+    runs: tuple[RunResult, ...] = ()
+
+
+@dataclass
+class SeedGrouping:
+    """Tasks planned for a backend: seed groups where they help, single tasks elsewhere.
+
+    Attributes:
+        items: what the backend runs (:class:`RunTask` or :class:`SeedGroup`).
+        members: for each item, the positions of its tasks in the planned list.
+        fallbacks: configuration key -> why its seeds run one at a time.
+    """
+
+    items: list[RunTask | SeedGroup]
+    members: list[tuple[int, ...]]
+    fallbacks: dict[str, str] = field(default_factory=dict)
+
+    def expand(self, event: RunEvent) -> list[RunEvent]:
+        """A backend's event about item ``event.index`` as events about the planned tasks.
+
+        A group's ``start`` and ``epoch`` events go to its first task (one progress row);
+        its ``end`` becomes one ``end`` per task, each with that task's result.
+        """
+        positions = self.members[event.index]
+        item = self.items[event.index]
+        if not isinstance(item, SeedGroup) or event.kind != "end":
+            return [replace(event, index=positions[0])]
+        results = _split(event.result, item)
+        return [RunEvent(p, "end", t.run_name, result=r)
+                for p, t, r in zip(positions, item.tasks, results, strict=True)]
+
+
+def _split(result: RunResult | None, group: SeedGroup) -> list[RunResult | None]:
+    """One result per task of ``group`` (a backend that lost the worker returns a plain result)."""
+    if isinstance(result, GroupResult) and len(result.runs) == len(group.tasks):
+        return list(result.runs)
+    if result is None:
+        return [None] * len(group.tasks)
+    share = result.seconds / len(group.tasks)
+    return [RunResult(t, result.status, None, None, share, result.error) for t in group.tasks]
+
+
+def group_seeds(tasks: Sequence[RunTask], *, vectorize: bool = True) -> SeedGrouping:
+    """Plan ``tasks``: those sharing everything but the seed become one :class:`SeedGroup`.
+
+    Args:
+        tasks: the tasks to run.
+        vectorize: False keeps every task on its own (the plan is then ``tasks`` as they are).
+
+    Returns:
+        The plan; groups stand where their first task stood.
+    """
+    if not vectorize:
+        return SeedGrouping(list(tasks), [(i,) for i in range(len(tasks))])
+    by_key: dict[tuple, list[int]] = defaultdict(list)
+    for i, task in enumerate(tasks):
+        by_key[_group_key(task)].append(i)
+    plan = SeedGrouping([], [])
+    for positions in by_key.values():
+        first = tasks[positions[0]]
+        reason = vectorize_reason(first.entry)
+        if reason is not None and len(positions) > 1:
+            plan.fallbacks[first.entry.config_key] = reason
+        if reason is not None or len(positions) < 2:
+            for p in positions:
+                plan.items.append(tasks[p])
+                plan.members.append((p,))
+        else:
+            plan.items.append(SeedGroup(tuple(tasks[p] for p in positions)))
+            plan.members.append(tuple(positions))
+    order = sorted(range(len(plan.items)), key=lambda i: plan.members[i][0])
+    return SeedGrouping([plan.items[i] for i in order], [plan.members[i] for i in order], plan.fallbacks)
+
+
+# --- the batched network ------------------------------------------------------------------------
+
+
+@dataclass
+class _Layer:
+    """A layer the watcher would watch, in forward order (its index is its layer id)."""
+
+    name: str
+    type_name: str
+    kind: str  # "param" | "activation"
+    activation: Activation | None = None
+    params: list[int] = field(default_factory=list)  # the weight (or all own parameters): indices
+
+
+@dataclass
+class _BlockPlan:
+    """One hidden block: ``act(bn(linear(h)))``, plus ``h`` if residual; layer ids of its parts."""
+
+    prefix: str
+    bn: nn.BatchNorm1d | None
+    act: nn.Module
+    residual: bool
+    linear_id: int = -1
+    bn_id: int = -1
+    act_id: int = -1
+
+
+class _BatchedLinear(torch.autograd.Function):
+    """K Linear layers at once, ``y[k] = x[k] @ W[k].T + b[k]`` for (K, N, in) inputs.
+
+    Forward and backward use the products ``F.linear`` and its backward use for one seed
+    (``x W^T + b``; ``grad_x = g W``, ``grad_W = g^T x``, ``grad_b = sum_n g``), batched:
+    on the CPU each seed's slice is then bitwise what the seed's own Linear computes. The
+    default backward of ``baddbmm`` forms ``grad_W`` as ``(x^T g)^T``, whose rounding
+    differs for narrow outputs (the 10 logits), and Adam turns such last-bit differences in
+    gradients near zero into visibly different updates within a few steps.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:  # noqa: D102
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        if bias is None:
+            return torch.bmm(x, weight.transpose(1, 2))
+        return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # noqa: D102
+        x, weight = ctx.saved_tensors
+        grad_x = torch.bmm(grad, weight) if ctx.needs_input_grad[0] else None
+        grad_w = torch.bmm(grad.transpose(1, 2), x) if ctx.needs_input_grad[1] else None
+        grad_b = grad.sum(1) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
+
+
+def _linear(h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """K Linear layers at once: ``h[k] @ weight[k].T + bias[k]`` for (K, N, in) inputs."""
+    return _BatchedLinear.apply(h, weight, bias)
+
+
+class _StackedMLP:
+    """K lab MLPs of one configuration as stacked leaf tensors and a batched forward."""
+
+    def __init__(self, models: Sequence[nn.Module]) -> None:
+        template = models[0]
+        if not isinstance(template, MLP):
+            raise ConfigError(f"the batched path trains the lab's MLP; got {type(template).__name__}")
+        self.k = len(models)
+        self.params, self.buffers = stack_module_state(list(models))
+        self.names = list(self.params)  # model.parameters() order: the watcher's parameter indices
+        index = {name: i for i, name in enumerate(self.names)}
+        modules = dict(template.named_modules())
+        self.layers: list[_Layer] = []
+
+        def add(name: str, kind: str) -> int:
+            module = modules[name]
+            layer = _Layer(name, type(module).__name__, kind)
+            if kind == "param":
+                own = [n for n, _ in module.named_parameters(prefix=name, recurse=False)]
+                weight = f"{name}.weight"
+                layer.params = [index[weight]] if weight in index else [index[n] for n in own]
+            else:
+                layer.activation = activation_for_module(module)
+            self.layers.append(layer)
+            return len(self.layers) - 1
+
+        self.blocks: list[_BlockPlan] = []
+        for i, block in enumerate(template.hidden):
+            plan = _BlockPlan(f"hidden.{i}", block._modules.get("bn"), block.act, block.residual)
+            plan.linear_id = add(f"{plan.prefix}.linear", "param")
+            if plan.bn is not None:
+                plan.bn_id = add(f"{plan.prefix}.bn", "param")
+            if activation_for_module(block.act) is not None:
+                plan.act_id = add(f"{plan.prefix}.act", "activation")
+            self.blocks.append(plan)
+        self.out_id = add("out", "param")
+
+    def parameters(self) -> list[Tensor]:
+        """The stacked leaves, in the models' parameter order."""
+        return list(self.params.values())
+
+    def forward(self, x: Tensor, *, training: bool, tap: _Tap | None = None) -> Tensor:
+        """Logits (K, N, classes) of inputs (K, N, ...); ``tap`` sees what the watcher's hooks see."""
+        p = self.params
+        h = x.flatten(2)
+        for blk in self.blocks:
+            z = _linear(h, p[f"{blk.prefix}.linear.weight"], p.get(f"{blk.prefix}.linear.bias"))
+            if tap is not None:
+                tap.output(blk.linear_id, z)
+            if blk.bn is not None:
+                z = self._batch_norm(blk, z, training)
+                if tap is not None:
+                    tap.output(blk.bn_id, z)
+            if tap is not None and blk.act_id >= 0:
+                tap.activation(blk.act_id, z)
+            a = blk.act(z)
+            h = h + a if blk.residual else a
+        logits = _linear(h, p["out.weight"], p["out.bias"])
+        if tap is not None:
+            tap.output(self.out_id, logits)
+        return logits
+
+    def _batch_norm(self, blk: _BlockPlan, z: Tensor, training: bool) -> Tensor:
+        """K BatchNorm1d at once: one batch norm over K x width features of (N, K * width).
+
+        Each feature's mean and variance are over the N examples of its own seed, and the
+        running statistics are views of the stacked buffers (updated in place), exactly
+        what each seed's BatchNorm1d computes.
+        """
+        bn, (k, n, width) = blk.bn, z.shape
+        assert bn is not None
+        name = f"{blk.prefix}.bn"
+        flat = z.transpose(0, 1).reshape(n, k * width)
+        out = F.batch_norm(
+            flat, self.buffers[f"{name}.running_mean"].view(-1), self.buffers[f"{name}.running_var"].view(-1),
+            self.params[f"{name}.weight"].reshape(-1), self.params[f"{name}.bias"].reshape(-1),
+            training, bn.momentum, bn.eps,
+        )
+        if training:  # as BatchNorm1d.forward (momentum is set, so the count only counts)
+            self.buffers[f"{name}.num_batches_tracked"].add_(1)
+        return out.reshape(n, k, width).transpose(0, 1)
+
+
+class _Tap:
+    """What the watcher's hooks record on a logged step, for K seeds at once."""
+
+    def __init__(self, net: _StackedMLP, samples: dict[tuple, Tensor | None]) -> None:
+        self.net = net
+        self.samples = samples
+        self.moments: dict[int, Tensor] = {}  # layer id -> (K, 2): sum, norm of the output
+        self.counts: dict[int, int] = {}  # layer id -> elements of one seed's output
+        self.delta_sq: dict[int, Tensor] = {}  # layer id -> (K,) ||dL/d output||^2
+        self.kept: list[tuple[int, list[tuple[Tensor, Tensor, bool]]]] = []  # activation calls
+
+    def output(self, lid: int, out: Tensor) -> None:
+        """A parameterised layer's output: its moments, and a hook for dL/d(output)."""
+        k = out.shape[0]
+        with torch.no_grad():
+            flat = out.detach().reshape(k, -1)
+            # stats.output_moments of each seed's output: [sum(x), ||x||_2] in float32
+            total = flat.sum(1, dtype=torch.float32)
+            norm = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float32)
+            self.moments[lid] = torch.stack([total, norm], 1)
+        self.counts[lid] = flat.shape[1]
+        if out.requires_grad:
+            out.register_hook(lambda grad, lid=lid: self._delta(lid, grad))
+
+    def _delta(self, lid: int, grad: Tensor) -> None:
+        with torch.no_grad():  # stats.squared_norm of each seed's gradient
+            flat = grad.reshape(grad.shape[0], -1)
+            self.delta_sq[lid] = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float32).square()
+
+    def activation(self, lid: int, x: Tensor) -> None:
+        """An activation's input: what stats.activation_inputs keeps of it, per seed."""
+        activation = self.net.layers[lid].activation
+        assert activation is not None
+        per_seed = x.detach().unbind(0)
+        key = ("activation", lid, per_seed[0].numel())
+        if key not in self.samples:
+            self.samples[key] = sample_index(per_seed[0].numel(), _ACTIVATION_SAMPLE, x.device, seed=lid)
+        sample = self.samples[key]
+        # (N, width): units along the last dimension, as the watcher's pre-hook after a Linear
+        self.kept.append((lid, [activation_inputs(xs, activation, sample=sample) for xs in per_seed]))
+
+
+# --- recording ---------------------------------------------------------------------------------
+
+
+def _combine(values: Sequence[float]) -> float | None:
+    """``sqrt(sum v^2)`` of per-parameter norms (the watcher's combination), None if none."""
+    return math.sqrt(sum(v * v for v in values)) if values else None
+
+
+class _Window:
+    """Per-seed running extremes of the gradient norms since the last logged step.
+
+    The watcher's window, with a leading seed dimension: (K, parameters) and (K,) tensors.
+    """
+
+    def __init__(self, k: int, n: int) -> None:
+        self.max = torch.full((k, n), -math.inf)
+        self.min = torch.full((k, n), math.inf)
+        self.first_bad = torch.full((k, n), -1, dtype=torch.int64)
+        self.total_max = torch.full((k,), -math.inf)
+        self.total_min = torch.full((k,), math.inf)
+        self.bad_max = torch.zeros(k)
+        self.steps = 0
+
+    def fold(self, step: int, norms: Tensor, totals: Tensor) -> None:
+        bad = ~torch.isfinite(norms)
+        torch.maximum(self.max, norms, out=self.max)
+        torch.minimum(self.min, norms, out=self.min)
+        self.first_bad.masked_fill_((self.first_bad < 0) & bad, step)
+        torch.maximum(self.total_max, totals, out=self.total_max)
+        torch.minimum(self.total_min, totals, out=self.total_min)
+        torch.maximum(self.bad_max, bad.sum(1).float(), out=self.bad_max)
+        self.steps += 1
+
+
+class _Recorder:
+    """Writes K runs as K watchers would: same layers, metrics, scalars and tracked weights."""
+
+    def __init__(self, net: _StackedMLP, store: RunStore, tasks: Sequence[RunTask], every: int,
+                 optimizer: torch.optim.Optimizer) -> None:
+        self.net, self.store, self.tasks, self.every, self.optimizer = net, store, tasks, every, optimizer
+        self.k = len(tasks)
+        self.step = 0
+        self.samples: dict[tuple, Tensor | None] = {}
+        self.tracked_index: dict[int, list[int]] = {}
+        self.window: _Window | None = None
+        self.chosen = sorted({i for layer in net.layers for i in layer.params})
+        self.position = {i: j for j, i in enumerate(self.chosen)}  # parameter index -> slot in chosen
+        self.run_ids: list[int] = []
+        parameters = sum(p[0].numel() for p in net.params.values())
+        optimizer_name = type(optimizer).__name__
+        for task in tasks:
+            config = task.config()
+            config["lab"]["vectorized"] = True
+            config["gradwatch"] = {"every": every, "model": "MLP", "parameters": parameters,
+                                   "optimizer": optimizer_name}
+            self.run_ids.append(store.create_run(task.run_name, config))
+        for run_id in self.run_ids:
+            store.add_layers(run_id, [
+                (lid, layer.name, layer.type_name, layer.kind,
+                 layer.activation.name if layer.activation else None)
+                for lid, layer in enumerate(net.layers)
+            ])
+        self.losses: list[Tensor] = []  # this epoch's (K,) losses, one per step
+        self.epoch_first_step = 0
+        self.pending: dict[str, Any] | None = None  # the logged step being recorded
+
+    def logged(self) -> bool:
+        """Whether the current step is logged (``step % every == 0``)."""
+        return self.step % self.every == 0
+
+    # -- a step ----------------------------------------------------------------
+
+    def after_backward(self, tap: _Tap | None) -> None:
+        """Gradient norms of every parameter (the window); on logged steps the weight statistics."""
+        with torch.no_grad():
+            params = self.net.parameters()
+            norms = torch.stack(
+                [torch.linalg.vector_norm(p.grad.reshape(self.k, -1), dim=1) for p in params], 1
+            )  # (K, P), float32: the watcher's _foreach_norm of each seed's gradients
+            totals = torch.linalg.vector_norm(norms, dim=1)
+            if self.window is None:
+                self.window = _Window(self.k, len(params))
+            if tap is None:
+                self.window.fold(self.step, norms, totals)
+                return
+            weights = [params[i].detach().reshape(self.k, -1) for i in self.chosen]
+            self.pending = {
+                "tap": tap, "norms": norms, "totals": totals,
+                "weight_norms": torch.stack([torch.linalg.vector_norm(w, dim=1) for w in weights], 1),
+                "tracked": [(lid, self._tracked(lid, params)) for lid, layer in enumerate(self.net.layers)
+                            if layer.params],
+                "before": [self._update_sample(i, params) for i in self.chosen],
+                "lr": self.optimizer.param_groups[0].get("lr"),
+            }
+
+    def _tracked(self, lid: int, params: list[Tensor]) -> Tensor:
+        """The watcher's tracked weight elements of layer ``lid``, per seed (K, count)."""
+        layer = self.net.layers[lid]
+        flat = params[layer.params[0]].detach().reshape(self.k, -1)
+        key = ("tracked", layer.name, flat.shape[1])
+        if key not in self.samples:
+            count = min(_WEIGHT_SAMPLES, flat.shape[1])
+            generator = torch.Generator().manual_seed(len(layer.name) * 7919 + flat.shape[1])
+            index = torch.randperm(flat.shape[1], generator=generator)[:count].sort().values
+            self.samples[key] = index
+            self.tracked_index[lid] = index.tolist()  # flat element indices, as the store keeps them
+        return flat[:, self.samples[key]]
+
+    def _update_sample(self, i: int, params: list[Tensor]) -> Tensor:
+        """The watcher's fixed sample of parameter ``i``'s elements, per seed (K, count), copied."""
+        flat = params[i].detach().reshape(self.k, -1)
+        key = ("weight", i, flat.shape[1])
+        if key not in self.samples:
+            self.samples[key] = sample_index(flat.shape[1], _UPDATE_SAMPLE, flat.device, seed=i)
+        index = self.samples[key]
+        return flat.clone() if index is None else flat[:, index]
+
+    def after_step(self, loss: Tensor) -> None:
+        """After ``optimizer.step()``: update ratios, then the step's rows; the next step begins."""
+        self.losses.append(loss)
+        pending = self.pending
+        if pending is not None:
+            with torch.no_grad():
+                params = self.net.parameters()
+                after = [self._update_sample(i, params) for i in self.chosen]
+                before = pending["before"]
+                diffs = [torch.linalg.vector_norm(a - b, dim=1) for a, b in zip(after, before, strict=True)]
+                # ||w_after - w_before|| / ||w_before||, both on the same sample of elements
+                pending["update"] = torch.stack(diffs, 1)
+                pending["sampled"] = torch.stack([torch.linalg.vector_norm(b, dim=1) for b in before], 1)
+            assert self.window is not None
+            self.window.fold(self.step, pending["norms"], pending["totals"])
+            pending["window"], self.window = self.window, None
+            self._write_logged(self.step, pending)
+            self.pending = None
+        self.step += 1
+
+    def end_epoch(self, epoch: int, test_loss: list[float], test_acc: list[float]) -> None:
+        """Write the epoch's per-step losses and its closing values at its last step."""
+        losses = torch.stack(self.losses)  # (steps, K)
+        train_loss = losses.mean(0).tolist()
+        per_step = losses.t().tolist()
+        last = self.step - 1
+        for k, run_id in enumerate(self.run_ids):
+            rows = [(self.epoch_first_step + s, "loss", v) for s, v in enumerate(per_step[k])]
+            rows += [(last, "epoch", float(epoch)), (last, "train_loss", train_loss[k]),
+                     (last, "test_loss", test_loss[k]), (last, "test_acc", test_acc[k])]
+            self.store.add_scalars(run_id, rows)
+        self.losses = []
+        self.epoch_first_step = self.step
+
+    # -- one logged step's rows ------------------------------------------------------------------
+
+    def _write_logged(self, step: int, pending: dict[str, Any]) -> None:
+        """Bring a logged step's values to the host (one list per tensor) and queue each run's rows."""
+        tap: _Tap = pending["tap"]
+        window: _Window = pending["window"]
+        host = {name: pending[name].tolist() for name in ("norms", "weight_norms", "update", "sampled")}
+        host["applied"] = pending["totals"].tolist()  # the norm the optimizer applied: the lab does not clip
+        host["max"], host["min"] = window.max.tolist(), window.min.tolist()
+        host["totals"] = torch.stack([window.total_max, window.total_min, window.bad_max], 1).tolist()
+        host["moments"] = {lid: m.tolist() for lid, m in tap.moments.items()}
+        host["deltas"] = {lid: d.tolist() for lid, d in tap.delta_sq.items()}
+        host["tracked"] = [(lid, values.tolist()) for lid, values in pending["tracked"]]
+        host["acts"] = self._activation_rows(tap)
+        now = time.time()
+        for k, run_id in enumerate(self.run_ids):
+            rows = self._layer_rows(k, host, tap.counts)
+            t_max, t_min, bad_max = host["totals"][k]
+            grad = host["norms"][k]
+            scalars: list[tuple[int, str, float | None]] = [
+                (step, "total_grad_norm", _combine(grad)),
+                (step, "nonfinite_grads", float(sum(not math.isfinite(g) for g in grad))),
+                (step, "clipped_grad_norm", host["applied"][k]),
+                (step, "total_grad_norm_max", t_max),
+                (step, "total_grad_norm_min", t_min),
+                (step, "nonfinite_grads_max", bad_max),
+                (step, "window_steps", float(window.steps)),
+            ]
+            if pending["lr"] is not None:
+                scalars.append((step, "lr", pending["lr"]))
+            scalars.append((step, "wall_time", now))
+            self.store.add_layer_metrics(run_id, ((step, lid, vals) for lid, vals in rows.items()))
+            self.store.add_weight_samples(run_id, [
+                (step, lid, element, values[k][j])
+                for lid, values in host["tracked"]
+                for j, element in enumerate(self.tracked_index[lid])
+            ])
+            self.store.add_scalars(run_id, scalars)
+
+    def _layer_rows(self, k: int, host: dict[str, Any], counts: dict[int, int]
+                    ) -> dict[int, list[float | None]]:
+        """Seed ``k``'s per-layer values of a logged step, in the order of LAYER_METRICS."""
+        rows: dict[int, list[float | None]] = {}
+
+        def put(lid: int, metric: str, value: float | None) -> None:
+            rows.setdefault(lid, [None] * len(LAYER_METRICS))[_METRIC_INDEX[metric]] = value
+
+        for lid, sq in host["deltas"].items():
+            put(lid, "delta_rms", math.sqrt(sq[k] / counts[lid]))
+        for lid, moments in host["moments"].items():
+            mean, std = moments_from_sums(moments[k][0], moments[k][1] ** 2, counts[lid])
+            put(lid, "output_mean", mean)
+            put(lid, "output_std", std)
+        for lid, values in host["acts"][k].items():
+            for metric, value in zip(ACTIVATION_STATS + _QUANTILE_METRICS, values, strict=True):
+                # NaN means "not applicable" here (no flat tails), not a non-finite value
+                put(lid, metric, None if math.isnan(value) and metric == "saturated_frac" else value)
+        grad, position = host["norms"][k], self.position
+        for lid, layer in enumerate(self.net.layers):
+            if layer.kind != "param":
+                continue
+            slots = [position[i] for i in layer.params]
+            put(lid, "grad_norm", _combine([grad[i] for i in layer.params]))
+            put(lid, "weight_norm", _combine([host["weight_norms"][k][j] for j in slots]))
+            du = _combine([host["update"][k][j] for j in slots])
+            ws = _combine([host["sampled"][k][j] for j in slots])
+            put(lid, "update_ratio", du / ws if ws else math.inf)
+            put(lid, "grad_norm_max", _combine([host["max"][k][i] for i in layer.params]))
+            put(lid, "grad_norm_min", _combine([host["min"][k][i] for i in layer.params]))
+        return rows
+
+    def _activation_rows(self, tap: _Tap) -> list[dict[int, list[float]]]:
+        """Per seed, layer id -> ACTIVATION_STATS then the input quantiles (one batch per kind)."""
+        groups: dict[tuple, list[tuple[int, int, tuple[Tensor, Tensor, bool]]]] = defaultdict(list)
+        layers = self.net.layers
+        for lid, per_seed in tap.kept:
+            activation = layers[lid].activation
+            assert activation is not None
+            key = (activation.name, tuple(sorted(activation.params.items())))
+            groups[key].extend((k, lid, kept) for k, kept in enumerate(per_seed))
+        out: list[dict[int, list[float]]] = [{} for _ in range(self.k)]
+        with torch.no_grad():
+            for members in groups.values():
+                activation = layers[members[0][1]].activation
+                assert activation is not None
+                kept = [kept for _, _, kept in members]
+                stats = torch.cat([batched_region_stats(kept, activation),
+                                   input_quantiles([k[0] for k in kept])], 1).tolist()
+                for (k, lid, _), row in zip(members, stats, strict=True):
+                    out[k][lid] = row
+        return out
+
+    # -- the end ---------------------------------------------------------------------------------
+
+    def finish(self, status: str = "finished", error: str | None = None) -> None:
+        """Mark every run ``finished`` (or ``failed`` with ``error``); flushes the store."""
+        for run_id in self.run_ids:
+            self.store.finish_run(run_id, status, error)
+
+
+# --- one group -----------------------------------------------------------------------------------
+
+
+def _stack(tensors: Sequence[Tensor], what: str, group: SeedGroup) -> Tensor:
+    shapes = {tuple(t.shape) for t in tensors}
+    if len(shapes) != 1:
+        raise ConfigError(
+            f"{group.run_name}: the seeds' {what} differ in shape ({sorted(shapes)}); a seed group needs "
+            f"splits of one size: run these seeds one at a time (vectorize=False)"
+        )
+    return torch.stack(list(tensors))
+
+
+def _epoch_batches(x: Tensor, y: Tensor, orders: Sequence[torch.Generator], batch_size: int):
+    """Each seed's shuffled epoch, stacked: (K, batch, ...) pairs.
+
+    Drawn as :func:`gradwatch.lab.data.iterate_minibatches` draws one seed's epoch:
+    ``randperm(n, generator)``, then consecutive batches of that order.
+    """
+    n = x.shape[1]
+    perms = torch.stack([torch.randperm(n, generator=g) for g in orders])
+    xs = torch.stack([x[k, perms[k]] for k in range(x.shape[0])])
+    ys = torch.gather(y, 1, perms)
+    for start in range(0, n, batch_size):
+        yield xs[:, start : start + batch_size], ys[:, start : start + batch_size]
+
+
+def _seed_losses(logits: Tensor, y: Tensor) -> Tensor:
+    """Each seed's mean cross-entropy: (K,) from logits (K, N, C) and labels (K, N)."""
+    k, n, c = logits.shape
+    return F.cross_entropy(logits.reshape(k * n, c), y.reshape(k * n), reduction="none").view(k, n).mean(1)
+
+
+def run_group(
+    group: SeedGroup,
+    on_epoch: Callable[[int, float], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> GroupResult:
+    """Train a :class:`SeedGroup`'s K seeds as one batched network; never raises.
+
+    Writes K runs, each as :func:`gradwatch.lab.runner.run_task` writes its run (the
+    same config but for ``config["lab"]["vectorized"]``, names, scalars, per-layer
+    metrics, tracked weights and findings), and returns one result per run.
+
+    Args:
+        group: the tasks.
+        on_epoch: called with ``(epoch, mean test accuracy over the seeds)`` after each epoch.
+        should_stop: polled after each epoch; True ends every run as ``stopped`` (marked
+            failed in the store, so a resume runs them again).
+    """
+    start = time.perf_counter()
+    tasks = group.tasks
+    recorder: _Recorder | None = None
+
+    def results(status: str, accs: Sequence[float | None], error: str | None,
+                notes: Sequence[str | None] | None = None) -> GroupResult:
+        seconds = time.perf_counter() - start
+        ids = recorder.run_ids if recorder is not None else [None] * len(tasks)
+        runs = tuple(RunResult(t, status, rid, acc, seconds / len(tasks), notes[i] if notes else error)
+                     for i, (t, rid, acc) in enumerate(zip(tasks, ids, accs, strict=True)))
+        done = [a for a in accs if a is not None]
+        return GroupResult(group, status, None, sum(done) / len(done) if done else None, seconds, error, runs)
+
+    if should_stop is not None and should_stop():
+        return results("stopped", [None] * len(tasks), _STOP_MESSAGE)
+    try:
+        data = [_dataset(t.dataset, t.seed, t.cache_dir) for t in tasks]
+        entry, train = group.entry, group.entry.train
+        x_train = _stack([d.x_train for d in data], "training splits", group)
+        y_train = _stack([d.y_train for d in data], "training labels", group)
+        x_test = _stack([d.x_test for d in data], "test splits", group)
+        y_test = _stack([d.y_test for d in data], "test labels", group)
+        models = [build_model(entry.model, d.input_shape, d.n_classes, seed=t.seed)
+                  for d, t in zip(data, tasks, strict=True)]
+        net = _StackedMLP(models)
+        optimizer = _optimizer(train, net.parameters())
+        orders = [torch.Generator().manual_seed(t.seed) for t in tasks]
+        with RunStore(tasks[0].store) as store:
+            recorder = _Recorder(net, store, tasks, train.every, optimizer)
+            try:
+                accs = _train(net, optimizer, recorder, train, (x_train, y_train, x_test, y_test), orders,
+                              on_epoch, should_stop)
+            except BaseException as err:
+                recorder.finish("failed", f"{type(err).__name__}: {err}")
+                raise
+            recorder.finish()
+            notes = [_diagnose(store, rid) for rid in recorder.run_ids]
+        return results("finished", accs, None, notes)
+    except StoppedByUser:
+        return results("stopped", [None] * len(tasks), _STOP_MESSAGE)
+    except Exception as err:  # noqa: BLE001 - one broken group must not end the grid
+        return results("failed", [None] * len(tasks), f"{type(err).__name__}: {err}")
+
+
+def _train(net: _StackedMLP, optimizer: torch.optim.Optimizer, recorder: _Recorder, train: Any,
+           data: tuple[Tensor, Tensor, Tensor, Tensor], orders: Sequence[torch.Generator],
+           on_epoch: Callable[[int, float], None] | None, should_stop: Callable[[], bool] | None
+           ) -> list[float]:
+    """The epochs of :func:`run_group`; returns the last test accuracy of each seed."""
+    x_train, y_train, x_test, y_test = data
+    accs: list[float] = []
+    for epoch in range(1, train.epochs + 1):
+        for xb, yb in _epoch_batches(x_train, y_train, orders, train.batch_size):
+            optimizer.zero_grad(set_to_none=True)
+            tap = _Tap(net, recorder.samples) if recorder.logged() else None
+            losses = _seed_losses(net.forward(xb, training=True, tap=tap), yb)
+            losses.sum().backward()  # seed k's slice of each gradient is dL_k / d(its parameters)
+            recorder.after_backward(tap)
+            optimizer.step()
+            recorder.after_step(losses.detach())
+        with torch.no_grad():
+            logits = net.forward(x_test, training=False)
+            test_loss = _seed_losses(logits, y_test).tolist()
+            accs = (logits.argmax(2) == y_test).float().mean(1).tolist()
+        recorder.end_epoch(epoch, test_loss, accs)
+        if on_epoch is not None:
+            on_epoch(epoch, sum(accs) / len(accs))
+        if should_stop is not None and should_stop() and epoch < train.epochs:
+            raise StoppedByUser(_STOP_MESSAGE)
+    return accs
