@@ -1,32 +1,75 @@
-"""Step-time overhead of watching, measured side by side.
+"""Step-time overhead of watching, measured side by side against the tools people use today.
 
-Each round times every variant on its own copy of the same model, in an order
-that rotates from round to round (interleaved), so slow drifts of a shared
-machine hit all variants alike. Reported: the median over rounds of
-(variant step time / unwatched step time), with min and max.
+Each round times every variant on its own fresh copy of the same model (same seed, same
+batch), in an order that rotates from round to round (interleaved), so slow drifts of a
+shared machine hit all variants alike. Reported per model: the median over rounds of
+(variant step time / baseline step time) with its min and max, and the median step time.
+The baseline is the unwatched eager model, or the unwatched compiled model for the
+compiled rows. A step is ``zero_grad``, forward, loss, backward, ``optimizer.step()`` and the
+variant's per-step logging call; the variant's final flush is inside the timed span.
 
-    python bench/overhead.py [--rounds 7] [--steps 60] [--threads 2] [--model mlp]
+Models (``--models``):
 
-Writes bench/results/overhead-<model>.json and prints a markdown table.
+- ``mlp``: 20-layer tanh MLP, width 256, batch 128;
+- ``cnn``: a ResNet-style CNN (stem + 4 BasicBlocks with BatchNorm and ``nn.ReLU(inplace=True)``,
+  widths 16-32-64), 3x16x16 inputs, batch 64;
+- ``bert``: ``transformers.BertForSequenceClassification`` from ``BertConfig(hidden_size=128,
+  num_hidden_layers=2, num_attention_heads=2, intermediate_size=512)``, sequence length 64,
+  batch 16.
+
+Variants (``--variants``, keys as below; ``unwatched`` always runs):
+
+- ``unwatched``; ``foreach``: one ``torch._foreach_norm`` of all gradients and one transfer per
+  step (the floor for per-layer norms); ``naive``: a forward hook and a tensor hook on every
+  parameterised module (RMS of dL/d output) plus those norms (the naive floor for deltas);
+- ``every``: gradwatch every step with every metric; ``default``: gradwatch at its default cadence;
+- ``wandb-gradients``, ``wandb-all``: ``wandb.watch(model, log="gradients"|"all", log_freq=1)`` in
+  offline mode (``WANDB_MODE=offline``, ``WANDB_DIR`` a temporary directory) and ``wandb.log`` of
+  the loss every step;
+- ``tensorboard``: ``SummaryWriter.add_histogram`` of every gradient and weight every step;
+- ``lightning``: Lightning's ``grad_norm(model, 2)`` before every optimizer step;
+- ``compiled``, ``compiled-default``, ``compiled-every``: ``torch.compile(model)`` (inductor on
+  CPU) unwatched, and ``gradwatch.watch()`` on the compiled model.
+
+A peer that is not installed (``pip install -e '.[bench]'``) gives a "not installed" row; a
+variant that raises gives a "failed" row with the error, in the table and the JSON.
+
+    python bench/overhead.py [--models mlp,cnn,bert] [--variants every,default,...]
+                             [--repeats 5] [--steps 30] [--warmup 5] [--threads 2]
+
+Writes bench/results/overhead-<model>-<threads>threads.json per model and prints one
+markdown table per model.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
 import platform
 import statistics
 import tempfile
 import time
+import traceback
+import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 import gradwatch
+from gradwatch.errors import GradientWarning
 
 RESULTS = Path(__file__).parent / "results"
+DEFAULT_EVERY = gradwatch.watch.__kwdefaults__["every"]
+COMPILED_WARMUP = 2 * DEFAULT_EVERY + 5  # compiles and recompiles happen on the first logged steps
+
+
+# -- models --------------------------------------------------------------------------------
 
 
 def tanh_mlp(depth: int = 20, width: int = 256) -> nn.Module:
@@ -37,30 +80,120 @@ def tanh_mlp(depth: int = 20, width: int = 256) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[torch.Generator], tuple]]] = {
-    "mlp": (
+class BasicBlock(nn.Module):
+    """He et al. (2016)'s basic residual block: relu(bn(conv(relu(bn(conv(x))))) + shortcut(x))."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+def resnet_cnn(width: int = 16, classes: int = 10) -> nn.Module:
+    """Stem, then BasicBlocks at widths w, w, 2w (stride 2), 4w (stride 2), pool, linear."""
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, 1, 1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(inplace=True),
+        BasicBlock(width, width),
+        BasicBlock(width, width),
+        BasicBlock(width, 2 * width, stride=2),
+        BasicBlock(2 * width, 4 * width, stride=2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4 * width, classes),
+    )
+
+
+def bert_classifier() -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512)
+    return BertForSequenceClassification(config)
+
+
+BERT_SEQ, BERT_BATCH = 64, 16
+
+
+def _classification_loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    x, y = batch
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def _bert_loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    ids, labels = batch
+    return model(input_ids=ids, labels=labels).loss
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One benchmarked model: how to build it, its (fixed) batch, and its training loss."""
+
+    description: str
+    build: Callable[[], nn.Module]
+    batch: Callable[[torch.Generator], tuple[torch.Tensor, ...]]
+    loss: Callable[[nn.Module, tuple[torch.Tensor, ...]], torch.Tensor]
+    requires: tuple[str, ...] = ()
+
+
+MODELS: dict[str, ModelSpec] = {
+    "mlp": ModelSpec(
+        "20-layer tanh MLP, width 256, batch 128",
         tanh_mlp,
         lambda g: (torch.randn(128, 256, generator=g), torch.randint(0, 10, (128,), generator=g)),
+        _classification_loss,
+    ),
+    "cnn": ModelSpec(
+        "ResNet-style CNN, 4 BasicBlocks (BN, in-place ReLU), widths 16-32-64, 3x16x16, batch 64",
+        resnet_cnn,
+        lambda g: (torch.randn(64, 3, 16, 16, generator=g), torch.randint(0, 10, (64,), generator=g)),
+        _classification_loss,
+    ),
+    "bert": ModelSpec(
+        f"BERT (transformers BertForSequenceClassification: hidden 128, 2 layers, 2 heads, "
+        f"intermediate 512), seq {BERT_SEQ}, batch {BERT_BATCH}",
+        bert_classifier,
+        lambda g: (
+            torch.randint(0, 30522, (BERT_BATCH, BERT_SEQ), generator=g),
+            torch.randint(0, 2, (BERT_BATCH,), generator=g),
+        ),
+        _bert_loss,
+        requires=("transformers",),
     ),
 }
 
 
-class Variant:
-    """How one row of the table watches (or does not watch) the model."""
-
-    def __init__(self, name: str, attach: Callable[[nn.Module, torch.optim.Optimizer, Path], object] | None):
-        self.name = name
-        self.attach = attach
+# -- variants ------------------------------------------------------------------------------
 
 
-def _foreach_floor(model: nn.Module, opt: torch.optim.Optimizer, tmp: Path):
-    """The floor for per-layer norms: one foreach_norm and one transfer per step."""
-    params = [p for p in model.parameters()]
+def _grads(params: list[nn.Parameter]) -> list[torch.Tensor]:
+    return [p.grad for p in params if p.grad is not None]
 
-    def hook(optimizer, args, kwargs):
-        torch.stack(torch._foreach_norm([p.grad for p in params])).cpu()
 
-    return opt.register_step_pre_hook(hook)
+class _ForeachFloor:
+    """The floor for per-layer norms: one ``torch._foreach_norm`` and one transfer per step."""
+
+    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer) -> None:
+        params = list(model.parameters())
+
+        def hook(optimizer, args, kwargs):
+            torch.stack(torch._foreach_norm(_grads(params))).cpu()
+
+        self.handle = opt.register_step_pre_hook(hook)
+
+    def detach(self) -> None:
+        self.handle.remove()
 
 
 class _NaiveDeltaFloor:
@@ -77,14 +210,14 @@ class _NaiveDeltaFloor:
         params = list(model.parameters())
 
         def step(optimizer, args, kwargs):
-            norms = torch._foreach_norm([p.grad for p in params])
+            norms = torch._foreach_norm(_grads(params))
             torch.stack([*norms, *self.values]).cpu()
             self.values.clear()
 
         self.handles.append(opt.register_step_pre_hook(step))
 
     def _forward(self, module, args, output):
-        if output.requires_grad:
+        if isinstance(output, torch.Tensor) and output.requires_grad:
             output.register_hook(self._grad)
 
     def _grad(self, grad):
@@ -95,16 +228,160 @@ class _NaiveDeltaFloor:
             h.remove()
 
 
+_wandb_run: Any = None
+
+
+def _wandb() -> Any:
+    """One offline wandb run for the whole benchmark (``wandb.init`` takes seconds)."""
+    global _wandb_run
+    if _wandb_run is None:
+        os.environ["WANDB_MODE"] = "offline"
+        os.environ.setdefault("WANDB_DIR", tempfile.mkdtemp(prefix="gradwatch-bench-wandb-"))
+        os.environ["WANDB_SILENT"] = "true"
+        import wandb
+
+        _wandb_run = wandb.init(project="gradwatch-bench", mode="offline", dir=os.environ["WANDB_DIR"])
+    return _wandb_run
+
+
+class _WandbWatch:
+    """``wandb.watch(model, log=..., log_freq=1)`` and ``wandb.log`` of the loss every step."""
+
+    def __init__(self, model: nn.Module, log: str) -> None:
+        self.run = _wandb()
+        self.model = model
+        self.run.watch(model, log=log, log_freq=1)
+
+    def log(self, loss: torch.Tensor) -> None:
+        self.run.log({"loss": loss.item()})
+
+    def detach(self) -> None:
+        self.run.unwatch(self.model)
+
+
+class _TensorBoardHistograms:
+    """``add_histogram`` of every parameter's gradient and weight before every optimizer step."""
+
+    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, logdir: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(logdir))
+        self.step = 0
+        named = list(model.named_parameters())
+
+        def hook(optimizer, args, kwargs):
+            for name, p in named:
+                if p.grad is not None:
+                    self.writer.add_histogram(f"grad/{name}", p.grad, self.step)
+                self.writer.add_histogram(f"weight/{name}", p.detach(), self.step)
+            self.step += 1
+
+        self.handle = opt.register_step_pre_hook(hook)
+
+    def log(self, loss: torch.Tensor) -> None:
+        self.writer.add_scalar("loss", loss.item(), self.step)
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def detach(self) -> None:
+        self.handle.remove()
+        self.writer.close()
+
+
+class _LightningGradNorm:
+    """Lightning's ``grad_norm(model, 2)`` (per-parameter 2-norms and their total) before each step,
+    as ``LightningModule.on_before_optimizer_step`` calls it; the norms are not sent to a logger."""
+
+    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer) -> None:
+        try:
+            from lightning.pytorch.utilities import grad_norm
+        except ImportError:
+            from pytorch_lightning.utilities import grad_norm
+
+        def hook(optimizer, args, kwargs) -> None:
+            grad_norm(model, 2)
+
+        self.handle = opt.register_step_pre_hook(hook)
+
+    def detach(self) -> None:
+        self.handle.remove()
+
+
+Attach = Callable[[nn.Module, torch.optim.Optimizer, Path], object]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How one row of the table watches (or does not watch) the model."""
+
+    key: str
+    name: str
+    attach: Attach | None
+    requires: tuple[str, ...] = ()
+    compiled: bool = False
+
+    @property
+    def baseline(self) -> str:
+        return "compiled" if self.compiled else "unwatched"
+
+
+def _gradwatch(every: int | None) -> Attach:
+    def attach(model: nn.Module, opt: torch.optim.Optimizer, tmp: Path) -> object:
+        kwargs = {} if every is None else {"every": every}
+        return gradwatch.watch(model, opt, store=tmp / "gradwatch.db", **kwargs)
+
+    return attach
+
+
 VARIANTS = [
-    Variant("unwatched", None),
-    Variant("torch._foreach_norm floor", _foreach_floor),
-    Variant("naive delta floor (hooks + norms)", lambda m, o, tmp: _NaiveDeltaFloor(m, o)),
-    Variant("gradwatch every step", lambda m, o, tmp: gradwatch.watch(m, o, every=1, store=tmp / "every.db")),
+    Variant("unwatched", "unwatched", None),
+    Variant("foreach", "torch._foreach_norm floor", lambda m, o, tmp: _ForeachFloor(m, o)),
+    Variant("naive", "naive delta floor (hooks + norms)", lambda m, o, tmp: _NaiveDeltaFloor(m, o)),
+    Variant("every", "gradwatch every step", _gradwatch(1)),
+    Variant("default", f"gradwatch default (every {DEFAULT_EVERY})", _gradwatch(None)),
     Variant(
-        f"gradwatch default (every {gradwatch.watch.__kwdefaults__['every']})",
-        lambda m, o, tmp: gradwatch.watch(m, o, store=tmp / "default.db"),
+        "wandb-gradients",
+        'wandb.watch(log="gradients"), every step',
+        lambda m, o, tmp: _WandbWatch(m, "gradients"),
+        requires=("wandb",),
     ),
+    Variant(
+        "wandb-all", 'wandb.watch(log="all"), every step', lambda m, o, tmp: _WandbWatch(m, "all"), ("wandb",)
+    ),
+    Variant(
+        "tensorboard",
+        "TensorBoard add_histogram, grads + weights, every step",
+        lambda m, o, tmp: _TensorBoardHistograms(m, o, Path(tempfile.mkdtemp(dir=tmp))),
+        requires=("tensorboard",),
+    ),
+    Variant(
+        "lightning",
+        "Lightning grad_norm, every step",
+        lambda m, o, tmp: _LightningGradNorm(m, o),
+        requires=("lightning|pytorch_lightning",),
+    ),
+    Variant("compiled", "torch.compile, unwatched", None, compiled=True),
+    Variant(
+        "compiled-default",
+        f"torch.compile + gradwatch default (every {DEFAULT_EVERY})",
+        _gradwatch(None),
+        compiled=True,
+    ),
+    Variant("compiled-every", "torch.compile + gradwatch every step", _gradwatch(1), compiled=True),
 ]
+VARIANT_KEYS = [v.key for v in VARIANTS]
+
+
+def missing_requirement(requires: tuple[str, ...]) -> str | None:
+    """The first required module (``a|b``: either) that cannot be imported, else None."""
+    for req in requires:
+        if not any(importlib.util.find_spec(name) is not None for name in req.split("|")):
+            return req.split("|")[0]
+    return None
+
+
+# -- timing --------------------------------------------------------------------------------
 
 
 def _detach(handle: object) -> None:
@@ -116,104 +393,213 @@ def _detach(handle: object) -> None:
         handle.remove()
 
 
-def time_variant(variant: Variant, model_name: str, steps: int, warmup: int, tmp: Path, seed: int) -> float:
-    """Seconds per training step (forward, backward, optimizer step) of one variant."""
-    build, batch = MODELS[model_name]
+def time_variant(variant: Variant, spec: ModelSpec, steps: int, warmup: int, tmp: Path, seed: int) -> float:
+    """Seconds per training step (zero_grad, forward, loss, backward, optimizer step, log) of one variant."""
     torch.manual_seed(seed)
-    model = build()
+    model = spec.build()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    if variant.compiled:
+        torch._dynamo.reset()  # a fresh model per round: stay under dynamo's recompile limit
+        model = torch.compile(model)
+        warmup = max(warmup, COMPILED_WARMUP)
     handle = variant.attach(model, opt, tmp) if variant.attach else None
-    g = torch.Generator().manual_seed(seed)
-    x, y = batch(g)
-    loss_fn = nn.CrossEntropyLoss()
-    log = getattr(handle, "log", None)
-    for i in range(warmup + steps):
-        if i == warmup:
-            start = time.perf_counter()
-        opt.zero_grad()
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        opt.step()
-        if log is not None:
-            log(loss=loss)
-    if hasattr(handle, "flush"):
-        handle.flush()  # the cost of writing is part of the cost
-    elapsed = time.perf_counter() - start
-    _detach(handle)
+    try:
+        g = torch.Generator().manual_seed(seed)
+        batch = spec.batch(g)
+        log = getattr(handle, "log", None)
+        for i in range(warmup + steps):
+            if i == warmup:
+                start = time.perf_counter()
+            opt.zero_grad()
+            loss = spec.loss(model, batch)
+            loss.backward()
+            opt.step()
+            if log is not None:
+                log(loss=loss)
+        if hasattr(handle, "flush"):
+            handle.flush()  # the cost of writing is part of the cost
+        elapsed = time.perf_counter() - start
+    finally:
+        _detach(handle)
     return elapsed / steps
+
+
+def _error_text(err: BaseException) -> str:
+    lines = traceback.format_exception_only(type(err), err)
+    text = "".join(lines).strip()
+    return text if len(text) <= 4000 else text[:4000] + " ..."
+
+
+def bench_model(
+    model_name: str, variants: list[Variant], repeats: int, steps: int, warmup: int, tmp: Path
+) -> list[dict[str, Any]]:
+    """Interleaved rounds of every variant on one model; one result row per variant."""
+    spec = MODELS[model_name]
+    status: dict[str, str] = {}
+    errors: dict[str, str] = {}
+    for v in variants:
+        missing = missing_requirement(v.requires)
+        status[v.key] = f"not installed ({missing})" if missing else "ok"
+    runnable = [v for v in variants if status[v.key] == "ok"]
+    times: dict[str, list[float]] = {v.key: [] for v in variants}
+    ratios: dict[str, list[float]] = {v.key: [] for v in variants}
+    for r in range(repeats):
+        live = [v for v in runnable if status[v.key] == "ok"]
+        order = live[r % len(live) :] + live[: r % len(live)]
+        this_round: dict[str, float] = {}
+        for v in order:
+            try:
+                this_round[v.key] = time_variant(v, spec, steps, warmup, tmp, seed=r)
+            except Exception as err:  # noqa: BLE001 - a failing variant is a result, not a crash
+                status[v.key] = "failed"
+                errors[v.key] = _error_text(err)
+                print(f"  {model_name} / {v.key} failed: {errors[v.key].splitlines()[-1][:300]}", flush=True)
+        for key, t in this_round.items():
+            times[key].append(t)
+            base = this_round.get(next(v for v in variants if v.key == key).baseline)
+            if base is not None:
+                ratios[key].append(t / base)
+        print(
+            f"{model_name} round {r + 1}/{repeats}: "
+            + ", ".join(f"{k} {t * 1e3:.1f} ms" for k, t in this_round.items()),
+            flush=True,
+        )
+    rows = []
+    for v in variants:
+        rs, ts = ratios[v.key], times[v.key]
+        rows.append(
+            {
+                "variant": v.name,
+                "key": v.key,
+                "baseline": next(b.name for b in VARIANTS if b.key == v.baseline),
+                "status": status[v.key],
+                "error": errors.get(v.key),
+                "rounds_measured": len(ts),
+                "median_ratio": statistics.median(rs) if rs else None,
+                "min_ratio": min(rs) if rs else None,
+                "max_ratio": max(rs) if rs else None,
+                "median_step_ms": statistics.median(ts) * 1e3 if ts else None,
+            }
+        )
+    return rows
+
+
+# -- output --------------------------------------------------------------------------------
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| variant | step (ms) | ratio to baseline, median | min | max | baseline |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if row["median_ratio"] is None:
+            what = row["status"]
+            if row["error"]:
+                what += ": " + row["error"].splitlines()[-1][:160].replace("|", "\\|")
+            lines.append(f"| {row['variant']} | - | {what} | | | |")
+            continue
+        step = f"{row['median_step_ms']:.2f}"
+        note = "" if row["status"] == "ok" else f" ({row['status']} after {row['rounds_measured']} rounds)"
+        lines.append(
+            f"| {row['variant']} | {step} | {row['median_ratio']:.3f}x{note} | {row['min_ratio']:.3f}x | "
+            f"{row['max_ratio']:.3f}x | {row['baseline']} |"
+        )
+    return "\n".join(lines)
+
+
+def _versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"torch": torch.__version__, "gradwatch": gradwatch.__version__}
+    for name in ("wandb", "tensorboard", "lightning", "transformers"):
+        if importlib.util.find_spec(name) is None:
+            out[name] = None
+            continue
+        try:
+            from importlib.metadata import version
+
+            out[name] = version(name)
+        except Exception:  # noqa: BLE001 - a version is nice to have
+            out[name] = "unknown"
+    return out
+
+
+def _csv(value: str, known: list[str], what: str) -> list[str]:
+    items = [s.strip() for s in value.split(",") if s.strip()]
+    unknown = [s for s in items if s not in known]
+    if unknown:
+        raise SystemExit(f"unknown {what}: {', '.join(unknown)}; known: {', '.join(known)}")
+    return items
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default="mlp", choices=sorted(MODELS))
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--models", "--model", default="mlp,cnn,bert", help="comma-separated: mlp,cnn,bert")
+    parser.add_argument(
+        "--variants", default=",".join(VARIANT_KEYS), help=f"comma-separated: {','.join(VARIANT_KEYS)}"
+    )
+    parser.add_argument("--repeats", "--rounds", type=int, default=5, help="interleaved rounds (>= 5)")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per variant and round")
+    parser.add_argument(
+        "--warmup", type=int, default=5, help=f"untimed steps first (at least {COMPILED_WARMUP} compiled)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    models = _csv(args.models, list(MODELS), "model")
+    keys = set(_csv(args.variants, VARIANT_KEYS, "variant")) | {"unwatched"}
+    if any(k.startswith("compiled-") for k in keys):
+        keys.add("compiled")
+    variants = [v for v in VARIANTS if v.key in keys]
     torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", category=GradientWarning)  # a deep tanh net vanishes: known
 
-    times: dict[str, list[float]] = {v.name: [] for v in VARIANTS}
-    ratios: dict[str, list[float]] = {v.name: [] for v in VARIANTS}
-    with tempfile.TemporaryDirectory() as d:
-        tmp = Path(d)
-        for r in range(args.rounds):
-            order = VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]
-            this_round = {}
-            for v in order:
-                this_round[v.name] = time_variant(v, args.model, args.steps, args.warmup, tmp, seed=r)
-            for name, t in this_round.items():
-                times[name].append(t)
-                ratios[name].append(t / this_round["unwatched"])
-            print(
-                f"round {r + 1}/{args.rounds}: "
-                + ", ".join(f"{n} {t * 1e3:.2f} ms" for n, t in this_round.items()),
-                flush=True,
-            )
-
-    rows = []
-    for v in VARIANTS:
-        rs = ratios[v.name]
-        rows.append(
-            {
-                "variant": v.name,
-                "median_ratio": statistics.median(rs),
-                "min_ratio": min(rs),
-                "max_ratio": max(rs),
-                "median_step_ms": statistics.median(times[v.name]) * 1e3,
-            }
-        )
-    print(
-        f"\n{args.model}: {args.rounds} interleaved rounds x {args.steps} steps, "
-        f"{args.threads} threads, torch {torch.__version__}\n"
-    )
-    print("| variant | step (ms) | ratio to unwatched, median | min | max |")
-    print("|---|---|---|---|---|")
-    for row in rows:
-        print(
-            f"| {row['variant']} | {row['median_step_ms']:.2f} | {row['median_ratio']:.3f}x | "
-            f"{row['min_ratio']:.3f}x | {row['max_ratio']:.3f}x |"
-        )
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"overhead-{args.model}-{args.threads}threads.json"
-    out.write_text(
-        json.dumps(
-            {
-                "model": args.model,
-                "rounds": args.rounds,
-                "steps": args.steps,
-                "threads": args.threads,
-                "torch": torch.__version__,
-                "machine": platform.platform(),
-                "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-                "rows": rows,
-            },
-            indent=2,
-        )
-    )
-    print(f"\nwrote {out}")
+    started = time.perf_counter()
+    tables = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="gradwatch-bench-") as d:
+            for model_name in models:
+                spec = MODELS[model_name]
+                missing = missing_requirement(spec.requires)
+                if missing:
+                    print(f"{model_name}: skipped, {missing} not installed (pip install -e '.[bench]')")
+                    continue
+                rows = bench_model(model_name, variants, args.repeats, args.steps, args.warmup, Path(d))
+                head = (
+                    f"{model_name}: {spec.description}; {args.repeats} interleaved rounds x {args.steps} "
+                    f"steps, {args.threads} threads, torch {torch.__version__}"
+                )
+                tables.append(f"{head}\n\n{markdown_table(rows)}")
+                out = RESULTS / f"overhead-{model_name}-{args.threads}threads.json"
+                out.write_text(
+                    json.dumps(
+                        {
+                            "model": model_name,
+                            "description": spec.description,
+                            "rounds": args.repeats,
+                            "steps": args.steps,
+                            "warmup": args.warmup,
+                            "threads": args.threads,
+                            "torch": torch.__version__,
+                            "versions": _versions(),
+                            "machine": platform.platform(),
+                            "cpus": os.cpu_count(),
+                            "load_average": list(os.getloadavg()),
+                            "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+                            "rows": rows,
+                        },
+                        indent=2,
+                    )
+                    + "\n"
+                )
+                print(f"wrote {out}", flush=True)
+    finally:
+        if _wandb_run is not None:
+            _wandb_run.finish()
+    print()
+    print("\n\n".join(tables))
+    print(f"\n{time.perf_counter() - started:.0f} s in all; load average now {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
