@@ -181,11 +181,17 @@ def run_task(
     :func:`gradwatch.diagnose` (when installed) stores its findings.
 
     Args:
-        task: what to run.
+        task: what to run; a :class:`~gradwatch.lab.vectorized.SeedGroup` (several seeds
+            of one configuration) goes to :func:`~gradwatch.lab.vectorized.run_group`,
+            which trains them as one batched network and returns a ``GroupResult``.
         on_epoch: called with ``(epoch, test_acc)`` after each epoch.
         should_stop: polled after each epoch; True ends the run as ``stopped``
             (the run is marked failed in the store, so a resume runs it again).
     """
+    if not isinstance(task, RunTask):  # a SeedGroup
+        from gradwatch.lab.vectorized import run_group
+
+        return run_group(task, on_epoch, should_stop)
     start = time.perf_counter()
     run_id = None
     if should_stop is not None and should_stop():
@@ -623,6 +629,7 @@ def run_lab(
     out: str | os.PathLike | None = None,
     backend: Backend | None = None,
     notify: Callable[[RunEvent], None] | None = None,
+    vectorize: bool | None = None,
 ) -> LabResult:
     """Run a preset's grid (resuming), summarise it from the store, check its claims,
     write ``OUT/lab.json``.
@@ -639,9 +646,14 @@ def run_lab(
             Default: ``./gradwatch-runs/lab-<preset>``.
         backend: where runs execute. Default: ``LocalBackend(workers)``.
         notify: receives every :class:`RunEvent` (a progress display).
+        vectorize: train the seeds of an MLP configuration together as one batched
+            network (:mod:`gradwatch.lab.vectorized`: the same stored numbers, several
+            times the throughput). Default: None, on with the default process pool, off
+            with other backends.
 
     Raises:
-        ConfigError: unknown preset (the message lists them), seeds/epochs/workers < 1.
+        ConfigError: unknown preset (the message lists them), seeds/epochs/workers < 1,
+            ``vectorize=True`` with a backend that runs single tasks only.
         DataError: the data set cannot be loaded.
         LabInterrupted: Ctrl-C; finished runs stay in the store.
     """
@@ -672,6 +684,9 @@ def run_lab(
         run_ids = finished_runs(store, tasks)
     resumed = sorted(run_ids)
     todo = [i for i in range(len(tasks)) if i not in run_ids]
+    from gradwatch.lab.vectorized import plan_runs  # it builds on this module
+
+    plan = plan_runs([tasks[i] for i in todo], vectorize=vectorize, backend=backend)
     failed: list[RunResult] = []
 
     def on_event(event: RunEvent) -> None:
@@ -689,7 +704,7 @@ def run_lab(
             notify(RunEvent(i, "resumed", tasks[i].run_name))
     runner = backend if backend is not None else LocalBackend(workers or default_workers())
     try:
-        runner.run([tasks[i] for i in todo], on_event)
+        runner.run(plan.items, lambda event: [on_event(e) for e in plan.expand(event)])
     except KeyboardInterrupt:
         raise LabInterrupted(len(run_ids), len(tasks), store_path) from None
 

@@ -22,8 +22,8 @@ What is recorded mirrors :class:`gradwatch.watch.Watcher` with the lab's setting
 (``every`` from the config, activation sample 2048, 8 tracked weights, the
 gradient-norm window, no alerts): every stored number of the K runs equals the
 number K sequential ``run_task`` calls store, to float32 rounding (the tests
-compare them all, to 1e-5), and only ``config["lab"]["vectorized"]`` tells them
-apart. Statistics go through :mod:`gradwatch.stats` on the same samples as the
+compare them all, to 1e-5), and only ``config["gradwatch"]["vectorized"]`` tells
+them apart. Statistics go through :mod:`gradwatch.stats` on the same samples as the
 watcher (``sample_index(seed=layer_id)``); only plain reductions (sums and norms)
 are taken for all seeds at once. A change to what the watcher records must be made
 here too: ``tests/test_lab_vectorized.py`` fails until it is.
@@ -52,6 +52,9 @@ from gradwatch.lab.models import MLP, build_model
 from gradwatch.lab.presets import GridEntry
 from gradwatch.lab.runner import (
     _STOP_MESSAGE,
+    Backend,
+    InProcessBackend,
+    LocalBackend,
     RunEvent,
     RunResult,
     RunTask,
@@ -76,6 +79,7 @@ __all__ = [
     "SeedGrouping",
     "vectorize_reason",
     "group_seeds",
+    "plan_runs",
     "run_group",
 ]
 
@@ -222,6 +226,32 @@ def group_seeds(tasks: Sequence[RunTask], *, vectorize: bool = True) -> SeedGrou
             plan.members.append(tuple(positions))
     order = sorted(range(len(plan.items)), key=lambda i: plan.members[i][0])
     return SeedGrouping([plan.items[i] for i in order], [plan.members[i] for i in order], plan.fallbacks)
+
+
+def plan_runs(tasks: Sequence[RunTask], *, vectorize: bool | None, backend: Backend | None) -> SeedGrouping:
+    """What :func:`gradwatch.lab.runner.run_lab` hands its backend.
+
+    Args:
+        tasks: the tasks to run.
+        vectorize: group seeds (True), never (False), or when it helps (None): on the
+            default process pool (``backend`` None or a :class:`LocalBackend`), where K
+            seeds of an MLP in one worker train several times faster than one by one.
+            The in-process backend (debugging, tests) runs one task at a time unless asked.
+        backend: the backend that will run them.
+
+    Raises:
+        ConfigError: ``vectorize`` is not a bool or None, or True with a backend that
+            runs only single tasks (Ray: each run travels alone to its worker).
+    """
+    if vectorize is not None and not isinstance(vectorize, bool):
+        raise ConfigError(f"vectorize={vectorize!r}; expected True, False or None (when it helps)")
+    pool = backend is None or isinstance(backend, LocalBackend)
+    if vectorize and not (pool or isinstance(backend, InProcessBackend)):
+        raise ConfigError(
+            f"vectorize=True needs the local backend; {type(backend).__name__} runs one seed per task. "
+            "Leave vectorize out (or pass --no-vectorize) with this backend"
+        )
+    return group_seeds(tasks, vectorize=pool if vectorize is None else vectorize)
 
 
 # --- the batched network ------------------------------------------------------------------------
@@ -461,9 +491,9 @@ class _Recorder:
         optimizer_name = type(optimizer).__name__
         for task in tasks:
             config = task.config()
-            config["lab"]["vectorized"] = True
+            # what watch() stores, and how this run was recorded: the one difference from run_task's
             config["gradwatch"] = {"every": every, "model": "MLP", "parameters": parameters,
-                                   "optimizer": optimizer_name}
+                                   "optimizer": optimizer_name, "vectorized": True}
             self.run_ids.append(store.create_run(task.run_name, config))
         for run_id in self.run_ids:
             store.add_layers(run_id, [
@@ -701,7 +731,7 @@ def run_group(
     """Train a :class:`SeedGroup`'s K seeds as one batched network; never raises.
 
     Writes K runs, each as :func:`gradwatch.lab.runner.run_task` writes its run (the
-    same config but for ``config["lab"]["vectorized"]``, names, scalars, per-layer
+    same config but for ``config["gradwatch"]["vectorized"]``, names, scalars, per-layer
     metrics, tracked weights and findings), and returns one result per run.
 
     Args:
