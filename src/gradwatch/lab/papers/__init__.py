@@ -17,5 +17,7 @@ Each module adds its own import line below when it lands.
 from __future__ import annotations
 
 import gradwatch.lab.papers.dying_relu  # noqa: F401
+import gradwatch.lab.papers.glorot2010  # noqa: F401
+import gradwatch.lab.papers.he2015  # noqa: F401
 import gradwatch.lab.papers.ioffe2015  # noqa: F401
 import gradwatch.lab.papers.resnet2016  # noqa: F401
