@@ -361,11 +361,6 @@ def test_watcher_records_unsharded_norms_on_rank0(fsdp_run):
     _assert_norms_match(*_watched(tmp, result, "norms"))
 
 
-@pytest.mark.xfail(
-    reason="watch.py reads weight elements with flat.take(index) on DTensors (_tracked_weights, "
-    "_weight_sample), which raises; gradwatch.sharding.global_take gives the full tensors' elements",
-    strict=False,
-)
 def test_watcher_with_weight_samples_and_update_ratio_on_rank0(fsdp_run):
     """The default watcher: also update_ratio and the tracked weight elements equal the unsharded run's."""
     tmp, result = fsdp_run

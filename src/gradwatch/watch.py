@@ -529,24 +529,26 @@ class Watcher:
 
     def _tracked_weights(self, layer: _Layer) -> Tensor:
         """The same few elements of a layer's weight at every logged step (the seeds' plot)."""
-        flat = self._params[layer.params[0]].detach().reshape(-1)
-        key = ("tracked", layer.name, flat.numel(), flat.device)
+        weight = self._params[layer.params[0]].detach()
+        key = ("tracked", layer.name, weight.numel(), weight.device)
         if key not in self._samples:
-            count = min(self._weight_samples, flat.numel())
-            generator = torch.Generator().manual_seed(len(layer.name) * 7919 + flat.numel())
-            index = torch.randperm(flat.numel(), generator=generator)[:count].sort().values
-            self._samples[key] = index.to(flat.device)
+            count = min(self._weight_samples, weight.numel())
+            generator = torch.Generator().manual_seed(len(layer.name) * 7919 + weight.numel())
+            index = torch.randperm(weight.numel(), generator=generator)[:count].sort().values
+            self._samples[key] = index.to(weight.device)
             self._tracked_index[self._layer_id(layer)] = index.tolist()  # flat element indices, on the host
-        return flat.take(self._samples[key])
+        return _take([weight], [self._samples[key]])[0]
 
-    def _weight_sample(self, i: int) -> Tensor:
-        """A fixed random sample of parameter ``i``'s elements (all of them if few), copied."""
-        flat = self._params[i].detach().reshape(-1)
-        key = ("weight", i, flat.numel(), flat.device)
-        if key not in self._samples:
-            self._samples[key] = sample_index(flat.numel(), _UPDATE_SAMPLE, flat.device, seed=i)
-        index = self._samples[key]
-        return flat.clone() if index is None else flat.take(index)
+    def _weight_samples_of(self, chosen: list[int]) -> list[Tensor]:
+        """A fixed random sample of each parameter's elements (all of them if few), copied."""
+        weights = [self._params[i].detach() for i in chosen]
+        indices = []
+        for i, w in zip(chosen, weights, strict=True):
+            key = ("weight", i, w.numel(), w.device)
+            if key not in self._samples:
+                self._samples[key] = sample_index(w.numel(), _UPDATE_SAMPLE, w.device, seed=i)
+            indices.append(self._samples[key])
+        return _take(weights, indices)
 
     def _on_optimizer_pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         record = self._current()
@@ -558,9 +560,7 @@ class Watcher:
             if record.grad_norms is None:  # no backward seen through the model's output
                 self._grad_norms_now(record)
             self._weight_stats(record)
-            record.snapshot = [
-                self._weight_sample(i) for i in self._chosen if not _is_dtensor(self._params[i])
-            ]
+            record.snapshot = self._weight_samples_of(self._chosen)
         record.lr = optimizer.param_groups[0].get("lr")
 
     def _on_optimizer_post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -568,7 +568,7 @@ class Watcher:
         if record is not None and record.logged:
             with torch.no_grad():
                 if record.snapshot is not None and len(record.snapshot) == len(self._chosen):
-                    after = [self._weight_sample(i) for i in self._chosen]
+                    after = self._weight_samples_of(self._chosen)
                     diffs = torch._foreach_sub(after, record.snapshot)
                     # ||w_after - w_before|| / ||w_before||, both on the same sample of elements
                     record.update_norms = torch.cat(
@@ -1053,6 +1053,18 @@ class _Gather:
                 out[offsets[k] : offsets[k] + n] = flat[pos : pos + n]
                 pos += n
         return out
+
+
+def _take(tensors: list[Tensor], indices: list[Tensor | None]) -> list[Tensor]:
+    """Elements at flat indices of each (full) tensor, copied; None: all of them."""
+    if any(_is_dtensor(t) for t in tensors):
+        from gradwatch.sharding import global_take
+
+        return global_take(tensors, indices)
+    return [
+        t.reshape(-1).clone() if i is None else t.reshape(-1).take(i)
+        for t, i in zip(tensors, indices, strict=True)
+    ]
 
 
 def _is_dtensor(t: Tensor) -> bool:

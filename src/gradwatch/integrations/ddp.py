@@ -148,6 +148,13 @@ def watch_ddp(
     rank, world = rank_info()
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     model = _unwrap(model)
+    if not all_ranks and any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        raise WatchError(
+            "watch_ddp() got a sharded model (FSDP2 / DTensor parameters): its norms are "
+            "collectives in which every rank must take part, so rank 0 alone cannot record them. "
+            "Call gradwatch.watch(model, optimizer, run_name=f'NAME/rank{rank}') on every rank, "
+            "or watch_ddp(..., all_ranks=True)"
+        )
     if isinstance(store, RunStore):
         store = store.path  # each process opens its own connection
     # rank 0 names the run and the group, so that every rank agrees
