@@ -1062,7 +1062,7 @@ def _take(tensors: list[Tensor], indices: list[Tensor | None]) -> list[Tensor]:
 
         return global_take(tensors, indices)
     return [
-        t.reshape(-1).clone() if i is None else t.reshape(-1).take(i)
+        t.reshape(-1).clone() if i is None else t.reshape(-1).index_select(0, i)
         for t, i in zip(tensors, indices, strict=True)
     ]
 
