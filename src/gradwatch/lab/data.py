@@ -13,9 +13,9 @@ training starts, saying what is wrong, where, and how to fix it.
   about 3 s on one core, so the result is cached as ``mnist1d_n5000_seed42.npz`` under
   ``cache_dir`` (default ``./gradwatch-runs/data/``). The package's own 80/20 split is
   pooled and re-split by ``seed`` like every other data set. ``input_shape`` (1, 40).
-* ``"shapeset"``: Shapeset-3x2 (Glorot & Bengio 2010), 6,000 32x32 grey images of one
+* ``"shapeset"``: Shapeset-3x2 (Glorot & Bengio 2010), 20,000 32x32 grey images of one
   or two shapes, 9 classes, drawn by :func:`gradwatch.lab.shapeset.make_shapeset`
-  (generator seed 1234, under two seconds, not cached). ``input_shape`` (1, 32, 32).
+  (generator seed 1234, a few seconds, once per process). ``input_shape`` (1, 32, 32).
 * a path to ``.npz`` with arrays ``x`` (n_examples, ...) and ``y`` (n_examples,), or
   to ``.csv`` (comma separated, last column the label, header row optional).
 """

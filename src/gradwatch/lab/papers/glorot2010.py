@@ -23,6 +23,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 
 from gradwatch.lab.data import BUILTIN_INPUT_SHAPES
 from gradwatch.lab.models import ModelConfig, build_model, describe
@@ -46,7 +47,9 @@ __all__ = [
     "TRAIN",
     "MODELS",
     "glorot2010_preset",
+    "gradient_variances",
     "hidden_gradient_variances",
+    "weight_counts",
     "per_layer_factor",
 ]
 
@@ -85,8 +88,10 @@ def _key(dataset: str, name: str) -> str:
 # --- measurements ------------------------------------------------------------------------------
 
 
-def _weight_counts(config: ModelConfig, dataset: str) -> list[int]:
-    """Number of weights of each hidden Linear/Conv layer, input side first."""
+def weight_counts(config: ModelConfig, dataset: str) -> list[int]:
+    """Number of weights of each hidden Linear/Conv layer of ``config`` built for ``dataset``,
+    input side first (the first layer's depends on the data set's input size).
+    """
     shape = BUILTIN_INPUT_SHAPES.get(dataset)
     if shape is None:
         from gradwatch.lab.data import load_dataset
@@ -96,29 +101,42 @@ def _weight_counts(config: ModelConfig, dataset: str) -> list[int]:
     return [block._modules[block.layer_name].weight.numel() for block in model.hidden]
 
 
-def hidden_gradient_variances(store: RunStore, run_id: int, config: ModelConfig,
-                              dataset: str) -> tuple[np.ndarray, np.ndarray]:
-    """Per hidden layer (input side first), at the first logged step (initialisation):
+def gradient_variances(metrics: pd.DataFrame, config: ModelConfig,
+                       dataset: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per hidden layer (input side first), at the first step of ``metrics`` (a run's
+    per-layer metrics, as ``RunStore.metrics`` returns them; initialisation in the lab):
 
     * the back-propagated gradient's variance, ``delta_rms^2 = mean((dC/ds)^2)`` of the
-      layer's output s (the paper's Var[dC/ds^i], its mean being ~0 at init);
+      layer's output s (the paper's Var[dC/ds^i]; its mean is ~0 at initialisation);
     * the weight gradient's variance, ``grad_norm^2 / n_weights = mean((dC/dW)^2)``
       (the paper's Var[dC/dW^i]).
 
     Raises:
-        ValueError: the run recorded no hidden layer at its first step.
+        ValueError: no hidden layer in ``metrics``, or not as many as the model has.
     """
-    m = store.metrics(run_id, metrics=["delta_rms", "grad_norm"])
-    m = m[(m["kind"] == "param") & m["layer"].str.startswith("hidden.") & ~m["type"].str.contains("Norm")]
+    m = metrics[(metrics["kind"] == "param") & metrics["layer"].str.startswith("hidden.")
+                & ~metrics["type"].str.contains("Norm")]
     if m.empty:
-        raise ValueError(f"run {run_id} recorded no hidden layer")
+        raise ValueError("no hidden layer in the metrics")
     first = m[m["step"] == m["step"].min()].sort_values("layer_id")
-    counts = np.asarray(_weight_counts(config, dataset), dtype=float)
+    counts = np.asarray(weight_counts(config, dataset), dtype=float)
     if len(counts) != len(first):
-        raise ValueError(f"run {run_id}: {len(first)} hidden layers recorded, the model has {len(counts)}")
+        raise ValueError(f"{len(first)} hidden layers recorded, the model has {len(counts)}")
     delta_var = first["delta_rms"].to_numpy(float) ** 2
     weight_var = first["grad_norm"].to_numpy(float) ** 2 / counts
     return delta_var, weight_var
+
+
+def hidden_gradient_variances(store: RunStore, run_id: int, config: ModelConfig,
+                              dataset: str) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`gradient_variances` of a run in ``store`` at its first logged step."""
+    head = store.metrics(run_id, metrics=["delta_rms", "grad_norm"], steps=(0, 0))
+    if head.empty:  # a run that did not log step 0
+        head = store.metrics(run_id, metrics=["delta_rms", "grad_norm"])
+    try:
+        return gradient_variances(head, config, dataset)
+    except ValueError as err:
+        raise ValueError(f"run {run_id}: {err}") from None
 
 
 def per_layer_factor(variances: Sequence[float]) -> float:
