@@ -10,7 +10,8 @@ __version__ = "0.1.0"
 
 from gradwatch.activations import Activation, activation_names, get_activation
 from gradwatch.diagnose import Finding, Prescription, Thresholds, diagnose
-from gradwatch.errors import GradientWarning, GradwatchError
+from gradwatch.alerts import Alert
+from gradwatch.errors import GradientWarning, GradwatchError, TrainingStopped
 from gradwatch.prescribe import prescribe
 from gradwatch.store import RunStore, open_store
 from gradwatch.watch import Watcher, watch
@@ -26,6 +27,8 @@ __all__ = [
     "get_activation",
     "GradwatchError",
     "GradientWarning",
+    "TrainingStopped",
+    "Alert",
     "diagnose",
     "Finding",
     "Prescription",
