@@ -120,6 +120,7 @@ class _Step:
     scale: Tensor | None = None  # the GradScaler's scale during this step's backward (logged steps)
     skipped: bool = False  # a GradScaler skipped the optimizer step (inf/NaN): recorded, not data
     applied_norm: Tensor | None = None  # total norm the optimizer applied (after unscaling, clipping)
+    grad_versions: list[tuple[int, int]] | None = None  # (id, _version) of each grad at the norms
 
 
 class _Window:
@@ -492,6 +493,8 @@ class Watcher:
             if record.logged:
                 record.scale = scale.clone()
         record.grad_norms, record.grad_present = norms, present
+        if record.logged:  # to tell at optimizer.step() whether anything changed them since
+            record.grad_versions = [(id(g), g._version) for g in grads]
         return norms
 
     def _on_backward_end(self, record: _Step) -> None:
@@ -575,7 +578,10 @@ class Watcher:
                         [_stack(torch._foreach_norm(diffs)), _stack(torch._foreach_norm(record.snapshot))]
                     )
                 grads = [p.grad for p in self._params if p.grad is not None]
-                if grads:  # what the optimizer applied: after unscaling and any clipping
+                unchanged = record.grad_versions == [(id(g), g._version) for g in grads]
+                if unchanged and record.scale is None and record.grad_norms is not None:
+                    record.applied_norm = torch.linalg.vector_norm(record.grad_norms)
+                elif grads:  # what the optimizer applied: after unscaling and any clipping
                     dense = [g.coalesce()._values() if g.is_sparse else g for g in grads]
                     record.applied_norm = torch.linalg.vector_norm(self._norms(dense))
             record.snapshot = None
