@@ -7,10 +7,14 @@ the paper (Figures 2-3) a 22-layer ReLU net trains with both inits, He's sooner,
 30-layer one trains with He init while Xavier's "completely stalls".
 
 Scaled down to minutes on two CPU cores: MLPs (not conv nets) of :data:`WIDTH` units on
-MNIST-1D (generated offline) instead of ImageNet, SGD with momentum 0.9 as in the paper,
-a few epochs. The signal is measured at initialisation (step 0) as the RMS of each hidden
-Linear layer's output (``sqrt(output_mean^2 + output_std^2)``): from the first hidden layer
-to the last there are L - 1 ReLU layers, so Xavier's ratio should be 2^(-(L-1)/2).
+scikit-learn's digits (offline) instead of ImageNet, the paper's SGD (minibatch 128,
+learning rate 0.01, momentum 0.9) for 100 epochs, without its weight decay and
+learning-rate schedule. A net "trains" when its test accuracy reaches
+:data:`TRAINED_ACC` at some epoch (:func:`epochs_to_accuracy`).
+
+The signal is measured at initialisation (step 0) as the RMS of each hidden Linear
+layer's output (``sqrt(output_mean^2 + output_std^2)``): from the first hidden layer to
+the last there are L - 1 ReLU layers, so Xavier's ratio should be 2^(-(L-1)/2).
 """
 
 from __future__ import annotations
@@ -50,9 +54,11 @@ PAPER = ("Kaiming He, Xiangyu Zhang, Shaoqing Ren and Jian Sun (2015). Delving d
          "surpassing human-level performance on ImageNet classification. ICCV 2015, pp. 1026-1034.")
 DEPTHS = (22, 30)
 WIDTH = 128
-DATASET = "mnist1d"
-TRAIN = TrainSettings(optimizer="sgd", lr=0.01, momentum=0.9, epochs=10, batch_size=32, every=25)
-TRAINED_ACC = 0.5  # "trains": test accuracy >= 50% (10 classes: chance 10%)
+DATASET = "digits"
+# The paper's SGD: minibatch 128, learning rate 0.01, momentum 0.9 (no weight decay, no
+# learning-rate schedule here); 100 epochs of digits' 1,437 training images = 1,200 steps.
+TRAIN = TrainSettings(optimizer="sgd", lr=0.01, momentum=0.9, epochs=100, batch_size=128, every=10)
+TRAINED_ACC = 0.5  # "trains": reaches 50% test accuracy (10 classes: chance 10%) within the budget
 SLOWER = 2.0  # "much slower": at least twice the epochs to reach TRAINED_ACC
 # Tolerance on the exponent of 2^(-(L-1)/2): within 15% of (L-1)/2 halvings of the RMS.
 EXPONENT_TOLERANCE = 0.15
@@ -117,15 +123,15 @@ def _he_trains_xavier_stalls(depth: int, epochs: int):
     def check(summaries: Mapping[str, ConfigSummary], store: RunStore) -> Verdict:
         he, xavier = summaries[_key("he", depth)], summaries[_key("xavier", depth)]
         he_epochs, xavier_epochs = _epochs_metric(he, store), _epochs_metric(xavier, store)
-        he_trains = he.test_acc_mean >= TRAINED_ACC
         m_he, m_x = _median(he_epochs), _median(xavier_epochs)
+        he_trains = math.isfinite(m_he)
         slower = math.isinf(m_x) or m_x >= SLOWER * m_he
         target = f"{TRAINED_ACC:.0%}"
         return Verdict(he_trains and slower,
-                       f"depth {depth}, {epochs} epochs: He {_acc(he)} test accuracy, reaches {target} at "
-                       f"epoch {_epochs_text(he_epochs)} (seeds); Xavier {_acc(xavier)}, at epoch "
-                       f"{_epochs_text(xavier_epochs)}; need He >= {target} and Xavier never or >= "
-                       f"{SLOWER:g}x He's epochs")
+                       f"depth {depth}, {epochs} epochs: He reaches {target} test accuracy at epoch "
+                       f"{_epochs_text(he_epochs)} (seeds), final {_acc(he)}; Xavier at epoch "
+                       f"{_epochs_text(xavier_epochs)}, final {_acc(xavier)}; need He to reach it (median) "
+                       f"and Xavier never or after >= {SLOWER:g}x He's epochs")
     return check
 
 
@@ -191,7 +197,7 @@ def he2015_preset(
                                        "Sec. 2.2, eq. 10: Xavier halves E[y^2] per ReLU layer"))
     deepest = max(depths)
     claims = [
-        Claim(f"at {deepest} layers He init trains (>= {TRAINED_ACC:.0%} test accuracy) and Xavier "
+        Claim(f"at {deepest} layers He init trains (reaches {TRAINED_ACC:.0%} test accuracy) and Xavier "
               f"stalls or is much slower (>= {SLOWER:g}x the epochs) (Figure 3)",
               _he_trains_xavier_stalls(deepest, train.epochs)),
     ]
@@ -203,8 +209,8 @@ def he2015_preset(
     return Preset(
         name=name,
         description=(f"He et al. 2015: {'/'.join(map(str, depths))}-layer ReLU MLPs, Xavier vs He init; "
-                     f"scaled down: width {width}, {dataset} instead of ImageNet, SGD momentum 0.9, "
-                     f"{train.epochs} epochs"),
+                     f"scaled down: MLPs of width {width}, {dataset} instead of ImageNet, the paper's SGD "
+                     f"for {train.epochs} epochs"),
         grid=tuple(grid),
         claims=tuple(claims),
         dataset=dataset,
