@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH  := torch==2.13.0
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench bench-all clean
 
 # torch first, pinned: an unpinned torch would pull a CUDA build of several GB.
 $(VENV)/.installed: pyproject.toml
@@ -28,8 +28,18 @@ test: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests bench
 
-bench: $(VENV)/.installed
+# The benchmarks' peers (wandb, TensorBoard, Lightning, transformers) and psutil: none asks for
+# another torch. `make bench`: the overhead table; `make bench-all`: also the soak and the store's scale.
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(PIP) install -q -e '.[bench]'
+	touch $@
+
+bench: $(VENV)/.bench-installed
 	$(PY) bench/overhead.py
+
+bench-all: bench
+	$(PY) bench/soak.py
+	$(PY) bench/store_scale.py
 
 clean:
 	rm -rf $(VENV) gradwatch-runs .pytest_cache
