@@ -35,7 +35,7 @@ A peer that is not installed (``pip install -e '.[bench]'``) gives a "not instal
 variant that raises gives a "failed" row with the error, in the table and the JSON.
 
     python bench/overhead.py [--models mlp,cnn,bert] [--variants every,default,...]
-                             [--repeats 5] [--steps 30] [--warmup 5] [--threads 2]
+                             [--repeats 5] [--steps 20] [--warmup 5] [--threads 2]
 
 Writes bench/results/overhead-<model>-<threads>threads.json per model and prints one
 markdown table per model.
@@ -540,11 +540,12 @@ def main() -> None:
         "--variants", default=",".join(VARIANT_KEYS), help=f"comma-separated: {','.join(VARIANT_KEYS)}"
     )
     parser.add_argument("--repeats", "--rounds", type=int, default=5, help="interleaved rounds (>= 5)")
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per variant and round")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per variant and round")
     parser.add_argument(
         "--warmup", type=int, default=5, help=f"untimed steps first (at least {COMPILED_WARMUP} compiled)"
     )
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="directory of the JSON results")
     args = parser.parse_args()
     models = _csv(args.models, list(MODELS), "model")
     keys = set(_csv(args.variants, VARIANT_KEYS, "variant")) | {"unwatched"}
@@ -554,7 +555,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=GradientWarning)  # a deep tanh net vanishes: known
 
-    RESULTS.mkdir(exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     tables = []
     try:
@@ -571,7 +572,7 @@ def main() -> None:
                     f"steps, {args.threads} threads, torch {torch.__version__}"
                 )
                 tables.append(f"{head}\n\n{markdown_table(rows)}")
-                out = RESULTS / f"overhead-{model_name}-{args.threads}threads.json"
+                out = args.out / f"overhead-{model_name}-{args.threads}threads.json"
                 out.write_text(
                     json.dumps(
                         {

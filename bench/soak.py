@@ -234,6 +234,7 @@ def main() -> None:
     parser.add_argument("--hold", type=float, default=10.0, help="slow disk: seconds the lock is held")
     parser.add_argument("--gap", type=float, default=0.1, help="slow disk: seconds it is free")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="directory of the JSON results")
     args = parser.parse_args()
     if args.warmup >= min(args.steps, args.slow_steps or args.steps):
         raise SystemExit(f"--warmup {args.warmup} must be below --steps and --slow-steps")
@@ -267,8 +268,8 @@ def main() -> None:
             )
             results.append(r)
     _print(results, args.threads)
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "soak.json"
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / "soak.json"
     out.write_text(
         json.dumps(
             {

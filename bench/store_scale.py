@@ -312,6 +312,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="warm calls per run")
     parser.add_argument("--path", type=Path, default=Path("/tmp/gradwatch-bench/store-scale.db"))
     parser.add_argument("--keep", action="store_true", help="keep the store for the next run")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="directory of the JSON results")
     args = parser.parse_args()
     if args.layers % 2:
         raise SystemExit(f"--layers {args.layers}: use an even count (Linear and Tanh alternate)")
@@ -352,10 +353,10 @@ def main() -> None:
         "read": read,
         "ok": read["cold_max_s"] <= BUDGET_S and read["warm_max_s"] <= BUDGET_S,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "store-scale.json").write_text(json.dumps(result, indent=2) + "\n")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "store-scale.json").write_text(json.dumps(result, indent=2) + "\n")
     _table(result)
-    print(f"\nwrote {RESULTS / 'store-scale.json'}" + ("" if args.keep else f"; deleted {path}"))
+    print(f"\nwrote {args.out / 'store-scale.json'}" + ("" if args.keep else f"; deleted {path}"))
 
 
 if __name__ == "__main__":
