@@ -415,7 +415,7 @@ class Preset:
     seeds: int = 3
     paper: str = ""
     published: tuple[Published, ...] = ()
-    metrics: Mapping[str, MetricFn] = field(default_factory=dict, repr=False)
+    metrics: Mapping[str, MetricFn] = field(default_factory=dict, repr=False, hash=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
