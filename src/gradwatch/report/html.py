@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from matplotlib.figure import Figure
 
 from gradwatch import __version__
-from gradwatch.report import figures, meanfield, papers, verdicts
+from gradwatch.report import figures, meanfield, papers, papers_figures, verdicts
 from gradwatch.report.data import NothingToPlot, ReportData, RunData
 
 __all__ = ["render", "SECTIONS"]
@@ -113,13 +113,16 @@ def _cap_meanfield(data: ReportData) -> str:
 
 @dataclass(frozen=True)
 class Section:
-    """One figure of the report: anchor, heading, the figure function, caption and alt text."""
+    """One figure of the report: anchor, heading, the figure function, caption and alt text;
+    ``preset`` names the lab preset whose report alone draws it (None: every report).
+    """
 
     anchor: str
     heading: str
     draw: Callable[[ReportData], Figure]
     caption: Callable[[ReportData], str]
     alt: str
+    preset: str | None = None
 
 
 SECTIONS = [
@@ -216,6 +219,33 @@ SECTIONS = [
         _cap_meanfield,
         "Heatmap of test accuracy over weight variance sigma_w^2 (x) and depth (y), with mean-field "
         "theory's trainable depth 6 xi_c drawn as a curve and the critical sigma_w^2 as a vertical line.",
+    ),
+    Section(
+        "ioffe2015",
+        "Ioffe & Szegedy 2015, Figure 1: batch normalisation keeps the sigmoids' inputs in place",
+        papers_figures.ioffe_figure,
+        papers_figures.ioffe_caption,
+        "Test accuracy against training steps with and without batch normalisation, and the 15th, 50th "
+        "and 85th percentiles of a last-layer sigmoid's inputs over training over the green region.",
+        preset="ioffe2015",
+    ),
+    Section(
+        "resnet2016",
+        "He et al. 2016: plain vs residual stacks by depth, and the gradient reaching the input",
+        papers_figures.resnet_figure,
+        papers_figures.resnet_caption,
+        "Test error and final training loss against depth for plain and residual nets, and the "
+        "first-to-last layer delta RMS ratio over training on a log scale.",
+        preset="resnet2016",
+    ),
+    Section(
+        "dying-relu",
+        "Lu et al. 2019: ReLU nets born dead, by width",
+        papers_figures.dying_relu_figure,
+        papers_figures.dying_relu_caption,
+        "Fraction of nets born dead against width with published ranges, and dead-unit fraction per "
+        "hidden layer at initialisation for each width.",
+        preset="dying_relu",
     ),
 ]
 
@@ -427,7 +457,10 @@ def _header(data: ReportData, shown: list[Section]) -> tuple[str, str]:
 def render(data: ReportData) -> str:
     """The report page for ``data`` as one HTML string."""
     shown, skipped, blocks = [], [], []
+    preset = data.lab.get("preset") if data.lab else None
     for section in SECTIONS:
+        if section.preset is not None and section.preset != preset:
+            continue  # another paper preset's figure: not "not shown", just not this report's
         try:
             fig = section.draw(data)
         except NothingToPlot as why:

@@ -39,6 +39,7 @@ from gradwatch.lab.presets import (
     Claim,
     ClaimCheck,
     ConfigSummary,
+    MetricFn,
     Preset,
     Published,
     TrainSettings,
@@ -143,12 +144,16 @@ def single_input_dead_probability(width: int, depth: int = HIDDEN_LAYERS) -> flo
     return 1.0 - (1.0 - 2.0 ** -width) ** depth
 
 
-def born_dead_metric(summary: ConfigSummary, store: RunStore) -> tuple[float, ...]:
-    """``metrics["born_dead_frac"]``: one Monte Carlo estimate per seed of the configuration,
-    at its width and depth, seeded by the run's seed.
+def born_dead_metric(nets: int = MC_NETS) -> MetricFn:
+    """``metrics["born_dead_frac"]``: a function giving one Monte Carlo estimate of
+    :func:`born_dead_fraction` (``nets`` networks) per seed of a configuration, at its
+    width and depth, seeded by the run's seed.
     """
-    m = summary.entry.model
-    return tuple(born_dead_fraction(m.width, depth=m.depth, seed=int(seed)) for seed in summary.seeds)
+    def born_dead_frac(summary: ConfigSummary, store: RunStore | None) -> tuple[float, ...]:
+        m = summary.entry.model
+        return tuple(born_dead_fraction(m.width, depth=m.depth, nets=nets, seed=int(seed))
+                     for seed in summary.seeds)
+    return born_dead_frac
 
 
 def dying_relu_key(width: int) -> str:
@@ -159,13 +164,14 @@ def dying_relu_key(width: int) -> str:
 # --- claims ----------------------------------------------------------------------------------
 
 
-def _estimates(summaries: Mapping[str, ConfigSummary], keys: Sequence[str]
+def _estimates(summaries: Mapping[str, ConfigSummary], keys: Sequence[str], nets: int
                ) -> list[tuple[int, float, float, int]]:
     """``(width, mean, std over seeds, seeds)`` of the Monte Carlo estimate per configuration."""
     out = []
+    metric = born_dead_metric(nets)
     for key in keys:
         s = summaries[key]
-        values = born_dead_metric(s, None)  # type: ignore[arg-type]  # the store is not read
+        values = metric(s, None)  # the Monte Carlo reads no store
         if not values:
             raise KeyError(key)
         std = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -173,32 +179,32 @@ def _estimates(summaries: Mapping[str, ConfigSummary], keys: Sequence[str]
     return out
 
 
-def _falls_with_width_claim(keys: Sequence[str]) -> ClaimCheck:
+def _falls_with_width_claim(keys: Sequence[str], nets: int) -> ClaimCheck:
     def check(summaries: Mapping[str, ConfigSummary], store: RunStore) -> Verdict:
-        rows = sorted(_estimates(summaries, keys))
+        rows = sorted(_estimates(summaries, keys, nets))
         means = [m for _, m, _, _ in rows]
         held = all(a > b for a, b in zip(means, means[1:], strict=False)) or (
             all(a >= b for a, b in zip(means, means[1:], strict=False)) and means[-1] == 0.0)
         listing = ", ".join(f"width {w}: {format_number(m)} ± {format_number(s)}" for w, m, s, _ in rows)
-        return Verdict(held, f"born-dead fraction (Monte Carlo, {MC_NETS:,} nets per seed): {listing}")
+        return Verdict(held, f"born-dead fraction (Monte Carlo, {nets:,} nets per seed): {listing}")
     return check
 
 
-def _matches_published_claim(keys: Sequence[str], z: float) -> ClaimCheck:
+def _matches_published_claim(keys: Sequence[str], z: float, nets: int) -> ClaimCheck:
     """Each width's mean is inside the published range widened by ``z`` standard errors."""
     def check(summaries: Mapping[str, ConfigSummary], store: RunStore) -> Verdict:
         held, parts = True, []
-        for width, mean, _, n in sorted(_estimates(summaries, keys)):
+        for width, mean, _, n in sorted(_estimates(summaries, keys, nets)):
             if width not in PUBLISHED_BORN_DEAD:
                 continue
             low, high = PUBLISHED_BORN_DEAD[width]
-            se = math.sqrt(max(mean * (1 - mean), 1e-12) / (MC_NETS * n))
+            se = math.sqrt(max(mean * (1 - mean), 1e-12) / (nets * n))
             ok = low - z * se <= mean <= high + z * se
             held &= ok
             miss = 0.0 if low <= mean <= high else min(abs(mean - low), abs(mean - high))
             parts.append(f"width {width}: {mean:.3f} vs {low:g}-{high:g}"
                          + ("" if ok else f" (OUTSIDE by {miss:.3f} = {miss / se:.1f} standard errors)"))
-        return Verdict(held, "; ".join(parts) + f"; standard error from {MC_NETS:,} nets x seeds, "
+        return Verdict(held, "; ".join(parts) + f"; standard error from {nets:,} nets x seeds, "
                              f"need within {z:g} of them")
     return check
 
@@ -240,8 +246,10 @@ def _initial_dead(store: RunStore, run_id: int) -> tuple[float, int]:
 
 
 def dying_relu_preset(widths: Sequence[int] = WIDTHS, *, depth: int = HIDDEN_LAYERS,
-                      train: TrainSettings = WATCH_TRAIN, seeds: int = 3) -> Preset:
-    """The ``dying_relu`` preset over ``widths`` (smaller grids for tests)."""
+                      train: TrainSettings = WATCH_TRAIN, seeds: int = 3, nets: int = MC_NETS) -> Preset:
+    """The ``dying_relu`` preset over ``widths``, ``nets`` Monte Carlo draws per width and
+    seed (smaller grids for tests).
+    """
     grid = tuple(
         grid_entry("born-dead", dying_relu_key(w).split("/", 1)[1],
                    ModelConfig(depth=depth, width=w, activation="relu", init="he"), train)
@@ -255,9 +263,9 @@ def dying_relu_preset(widths: Sequence[int] = WIDTHS, *, depth: int = HIDDEN_LAY
     )
     claims = (
         Claim(f"the fraction of He-initialised ReLU nets born dead at {depth} hidden layers falls "
-              "as the width grows", _falls_with_width_claim(keys)),
+              "as the width grows", _falls_with_width_claim(keys, nets)),
         Claim("our Monte Carlo born-dead fractions fall within the published ranges "
-              "(widened by 3 standard errors of our estimate)", _matches_published_claim(keys, 3.0)),
+              "(widened by 3 standard errors of our estimate)", _matches_published_claim(keys, 3.0, nets)),
         Claim("the watcher sees it at initialisation: the hidden ReLUs' dead-unit fraction at "
               "step 0 does not grow with width, and is higher at the narrowest width than at the widest",
               _watcher_claim(keys)),
@@ -265,7 +273,7 @@ def dying_relu_preset(widths: Sequence[int] = WIDTHS, *, depth: int = HIDDEN_LAY
     return Preset(
         name="dying_relu",
         description=(f"ReLU nets born dead vs width at {depth} hidden layers, He init (Lu et al. 2019): "
-                     f"Monte Carlo of {MC_NETS:,} nets per width and seed (1-d inputs), beside one-epoch "
+                     f"Monte Carlo of {nets:,} nets per width and seed (1-d inputs), beside one-epoch "
                      "watched runs of each width on digits; about a minute on 2 cores"),
         grid=grid,
         claims=claims,
@@ -273,7 +281,7 @@ def dying_relu_preset(widths: Sequence[int] = WIDTHS, *, depth: int = HIDDEN_LAY
         seeds=seeds,
         paper=PAPER,
         published=published,
-        metrics={"born_dead_frac": born_dead_metric},
+        metrics={"born_dead_frac": born_dead_metric(nets)},
     )
 
 

@@ -257,13 +257,12 @@ def _stable_claim(base: str, bn: str) -> ClaimCheck:
 
 def _entries(train: TrainSettings) -> tuple[GridEntry, ...]:
     fast = TrainSettings(**{**train.to_dict(), "lr": train.lr * 5})
-    specs = (("sigmoid-nobn", False, train, "no BN (paper: Inception)"),
-             ("sigmoid-bn", True, train, "BN (paper: BN-Baseline)"),
-             ("sigmoid-bn-x5", True, fast, "BN, 5x learning rate (paper: BN-x5)"),
-             ("sigmoid-nobn-x5", False, fast, "no BN, 5x learning rate (control)"))
+    specs = (("sigmoid-nobn", False, train, "no BN"),
+             ("sigmoid-bn", True, train, "BN"),
+             ("sigmoid-bn-x5", True, fast, "BN"),
+             ("sigmoid-nobn-x5", False, fast, "no BN"))
     return tuple(
-        grid_entry("mnist-mlp", name, _model(bn), t,
-                   label=f"sigmoid 3x100, {role}, SGD lr {t.lr:g}")
+        grid_entry("mnist-mlp", name, _model(bn), t, label=f"sigmoid 3x100, {role}, SGD lr {t.lr:g}")
         for name, bn, t, role in specs
     )
 
