@@ -14,6 +14,7 @@ from gradwatch import RunStore, watch
 from gradwatch.cli import app
 from gradwatch.integrations.export import export_run
 from gradwatch.integrations.tensorboard import HISTOGRAMS
+from gradwatch.store import LAYER_METRICS
 
 runner = CliRunner()
 
@@ -44,8 +45,7 @@ def _series(store, run_id):
     metrics, scalars = store.metrics(run_id), store.scalars(run_id)
     expected = {}
     for row in metrics.itertuples():
-        for metric in ("grad_norm", "weight_norm", "update_ratio", "delta_rms", "output_mean", "output_std",
-                       "saturated_frac", "green_frac", "dead_frac", "mean_derivative"):
+        for metric in LAYER_METRICS:
             value = getattr(row, metric)
             if not math.isnan(value):
                 expected[(f"{metric}/{row.layer}", row.step)] = value
