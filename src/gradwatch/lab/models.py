@@ -30,6 +30,7 @@ from gradwatch.errors import ConfigError
 __all__ = [
     "INIT_NAMES",
     "MODEL_KINDS",
+    "RESIDUAL_BLOCKS",
     "ModelConfig",
     "MLP",
     "ConvNet",
@@ -41,6 +42,7 @@ __all__ = [
 ]
 
 MODEL_KINDS = ("mlp", "cnn")
+RESIDUAL_BLOCKS = ("simple", "basic")
 INIT_NAMES = ("default", "standard", "xavier", "he", "orthogonal", "scaled")
 _DEFAULT_WIDTH = 64
 
@@ -67,6 +69,12 @@ class ModelConfig:
         residual: add the block's input to its output, h = h + act(bn(layer(h))), in
             every hidden block after the first (which projects to ``width``).
             Default: False.
+        block: the residual block. ``"simple"``: one layer, h + act(bn(layer(h))).
+            ``"basic"``: He et al. (2016)'s basic block of two layers,
+            act(h + bn(layer(act(bn(layer(h)))))), whose branch ends in BN (zero mean) and
+            whose activation follows the sum; after the first hidden layer come
+            (depth - 1) / 2 of them, so ``depth`` must be odd. Ignored without
+            ``residual``. Default: ``"simple"``.
         kernel_size: odd kernel size of the CNN's convolutions. Default: 3.
     """
 
@@ -81,6 +89,7 @@ class ModelConfig:
     batch_norm: bool = False
     residual: bool = False
     kernel_size: int = 3
+    block: str = "simple"
 
     def __post_init__(self) -> None:
         if self.kind not in MODEL_KINDS:
@@ -127,6 +136,15 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ConfigError(f"{name}={value!r}; expected True or False")
+        if self.block not in RESIDUAL_BLOCKS:
+            raise ConfigError(
+                f"block={self.block!r} is not a residual block; expected one of {', '.join(RESIDUAL_BLOCKS)}"
+            )
+        if self.residual and self.block == "basic" and self.depth % 2 == 0:
+            raise ConfigError(
+                f"depth={self.depth} with block='basic'; expected an odd depth (1 + 2 x blocks): the "
+                "first hidden layer projects to the width, then each basic block has two layers"
+            )
 
     @property
     def activation_kwargs(self) -> dict[str, Any]:
@@ -138,9 +156,15 @@ class ModelConfig:
         return get_activation(self.activation, **self.activation_kwargs)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-friendly dict (activation_params as a dict); inverse of ``from_dict``."""
+        """Plain JSON-friendly dict (activation_params as a dict); inverse of ``from_dict``.
+
+        ``block`` is left out at its default, ``"simple"``: configs stored before it existed
+        (and the lab's resume keys made from them) stay the same.
+        """
         out = asdict(self)
         out["activation_params"] = dict(self.activation_params)
+        if out["block"] == "simple":
+            del out["block"]
         return out
 
     @classmethod
@@ -355,6 +379,52 @@ class _Block(nn.Module):
         return "residual=True" if self.residual else ""
 
 
+class _BasicBlock(nn.Module):
+    """He et al. (2016)'s basic block: act(h + bn2(layer2(act1(bn1(layer1(h)))))).
+
+    Submodules in forward order: ``linear1``/``conv1``, ``bn1``, ``act1``, ``linear2``/``conv2``,
+    ``bn2``, ``act2`` (no ``bn`` without batch norm).
+    """
+
+    def __init__(self, layer_name: str, layers: tuple[nn.Module, nn.Module],
+                 norms: tuple[nn.Module | None, nn.Module | None], acts: tuple[nn.Module, nn.Module]) -> None:
+        super().__init__()
+        self.layer_name = layer_name
+        for i, (layer, norm, act) in enumerate(zip(layers, norms, acts, strict=True), start=1):
+            self.add_module(f"{layer_name}{i}", layer)
+            if norm is not None:
+                self.add_module(f"bn{i}", norm)
+            self.add_module(f"act{i}", act)
+
+    def _branch(self, i: int, h: Tensor) -> Tensor:
+        z = self._modules[f"{self.layer_name}{i}"](h)
+        return self._modules[f"bn{i}"](z) if f"bn{i}" in self._modules else z
+
+    def forward(self, h: Tensor) -> Tensor:  # noqa: D102
+        a = self.act1(self._branch(1, h))
+        return self.act2(h + self._branch(2, a))
+
+
+def _hidden(config: ModelConfig, n_in: int, layer_name: str, make_layer, make_norm) -> nn.Sequential:
+    """The hidden blocks: ``make_layer(n_in)`` and ``make_norm()`` (None without batch norm)
+    build one layer and its norm; simple blocks, or a first block then basic blocks.
+    """
+    def act() -> nn.Module:
+        return config.make_activation().make_module()
+
+    if config.residual and config.block == "basic":
+        blocks: list[nn.Module] = [_Block(layer_name, make_layer(n_in), make_norm(), act(), residual=False)]
+        for _ in range((config.depth - 1) // 2):
+            blocks.append(_BasicBlock(layer_name, (make_layer(config.width), make_layer(config.width)),
+                                      (make_norm(), make_norm()), (act(), act())))
+        return nn.Sequential(*blocks)
+    return nn.Sequential(*(
+        _Block(layer_name, make_layer(n_in if i == 0 else config.width), make_norm(), act(),
+               residual=config.residual and i > 0)
+        for i in range(config.depth)
+    ))
+
+
 class MLP(nn.Module):
     """``depth`` hidden blocks ``hidden.i`` (linear, [bn], act) and a Linear ``out``.
 
@@ -364,14 +434,11 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig, in_features: int, n_classes: int) -> None:
         super().__init__()
         self.config = config
-        blocks = []
-        for i in range(config.depth):
-            n_in = in_features if i == 0 else config.width
-            norm = nn.BatchNorm1d(config.width) if config.batch_norm else None
-            linear = nn.Linear(n_in, config.width, bias=not config.batch_norm)
-            blocks.append(_Block("linear", linear, norm, config.make_activation().make_module(),
-                                 residual=config.residual and i > 0))
-        self.hidden = nn.Sequential(*blocks)
+        self.hidden = _hidden(
+            config, in_features, "linear",
+            lambda n_in: nn.Linear(n_in, config.width, bias=not config.batch_norm),
+            lambda: nn.BatchNorm1d(config.width) if config.batch_norm else None,
+        )
         self.out = nn.Linear(config.width, n_classes)
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
@@ -409,15 +476,12 @@ class ConvNet(nn.Module):
             len(input_shape)
         ]
         self.reshape = _Reshape(input_shape)
-        blocks = []
-        for i in range(config.depth):
-            n_in = input_shape[0] if i == 0 else config.width
-            conv = conv_type(n_in, config.width, config.kernel_size,
-                             padding=config.kernel_size // 2, bias=not config.batch_norm)
-            norm = norm_type(config.width) if config.batch_norm else None
-            blocks.append(_Block("conv", conv, norm, config.make_activation().make_module(),
-                                 residual=config.residual and i > 0))
-        self.hidden = nn.Sequential(*blocks)
+        self.hidden = _hidden(
+            config, input_shape[0], "conv",
+            lambda n_in: conv_type(n_in, config.width, config.kernel_size,
+                                   padding=config.kernel_size // 2, bias=not config.batch_norm),
+            lambda: norm_type(config.width) if config.batch_norm else None,
+        )
         self.flatten = nn.Flatten()
         self.out = nn.Linear(config.width * math.prod(input_shape[1:]), n_classes)
 
@@ -515,6 +579,6 @@ def describe(config: ModelConfig) -> str:
     if config.batch_norm:
         parts.append("batch norm")
     if config.residual:
-        parts.append("residual")
+        parts.append("residual (basic blocks)" if config.block == "basic" else "residual")
     return ", ".join(parts)
 

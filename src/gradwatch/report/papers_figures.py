@@ -118,7 +118,7 @@ def ioffe_figure(data: ReportData) -> Figure:
 
 
 def _by_depth(groups: dict[str, list[RunData]], residual: bool) -> list[tuple[int, list[RunData]]]:
-    rows = [(int(runs[0].model.get("depth", 0)), runs) for runs in groups.values()
+    rows = [(int(runs[0].model.get("depth", 0)) + 1, runs) for runs in groups.values()  # + the head
             if bool(runs[0].model.get("residual")) == residual]
     return sorted(rows, key=lambda r: r[0])
 
@@ -146,7 +146,8 @@ def _ratio_series(run: RunData) -> tuple[np.ndarray, np.ndarray]:
 def resnet_figure(data: ReportData) -> Figure:
     """He et al. (2016) from the ``resnet2016`` lab's runs: the degradation problem.
 
-    Left: final test error (%) against depth, plain and residual, mean ± std over seeds.
+    Left: final test error (%) against depth (weight layers as the paper counts them: hidden
+    layers + the head), plain and residual, mean ± std over seeds.
     Middle: the last epoch's training loss against depth. Right: the first over the last
     hidden layer's delta RMS over training (first seed of each configuration; log scale):
     below the shaded band [0.1, 10] the gradient vanishes toward the input, above it grows.
@@ -180,7 +181,7 @@ def resnet_figure(data: ReportData) -> Figure:
         ax.set_xscale("log")
         ax.set_xticks(sorted(set(depths_seen)), [str(d) for d in sorted(set(depths_seen))])
         ax.minorticks_off()
-        ax.set_xlabel("depth (hidden layers)")
+        ax.set_xlabel("layers (hidden conv layers + head)")
         ax.grid(alpha=0.25)
         ax.legend(frameon=False)
     ax_err.set_ylabel("test error (%)")
