@@ -8,6 +8,9 @@ layers) and stores exactly what K ``run_task`` calls store. This measures what t
   without vectorizing) and one ``run_group`` of the same K tasks, each into a fresh store,
   in an order that alternates from round to round. Both include everything a lab run does:
   the data split, the model, watched training, the scalars, and ``diagnose`` of each run.
+  ``--training-only`` leaves out the per-run diagnosis (the same ``diagnose`` call of a few
+  tenths of a second per run in both variants, which batching cannot share) to show what
+  the batched training itself buys.
   Reported: the median over rounds of (sequential seconds / vectorized seconds), its min
   and max, and the median seconds of each; the same ratio of the process's CPU seconds
   too, which a loaded machine disturbs less than wall time (the process works alone in
@@ -23,11 +26,12 @@ layers) and stores exactly what K ``run_task`` calls store. This measures what t
 The load average before and after each round is kept: the machine may be shared, and a
 ratio taken while other jobs run is noisy (both variants are slowed, not equally).
 
-    python bench/vectorized.py [--config depth/sigmoid-d10-default] [--seeds 5] [--repeats 5]
-                               [--threads 1] [--steps 200] [--lab] [--lab-preset seed]
-                               [--workers 2]
+    python bench/vectorized.py [--configs depth/sigmoid-d10-default,...] [--seeds 5] [--repeats 5]
+                               [--threads 1] [--steps 200] [--training-only] [--lab]
+                               [--lab-preset seed] [--workers 2]
 
-Writes bench/results/vectorized.json and prints the ratios.
+Writes bench/results/vectorized.json (vectorized-training-only.json with --training-only) and
+prints the ratios.
 """
 
 from __future__ import annotations
@@ -44,12 +48,14 @@ from typing import Any
 
 import torch
 
+from gradwatch.lab import runner
 from gradwatch.lab.models import build_model
 from gradwatch.lab.presets import GridEntry, get_preset
 from gradwatch.lab.runner import RunTask, _dataset, _optimizer, run_lab, run_task
 from gradwatch.lab.vectorized import SeedGroup, _seed_losses, _StackedMLP, run_group
 
 RESULTS = Path(__file__).parent / "results" / "vectorized.json"
+RESULTS_TRAINING = Path(__file__).parent / "results" / "vectorized-training-only.json"
 
 
 def _entry(preset: str, key: str) -> GridEntry:
@@ -195,7 +201,8 @@ def bench_lab(preset: str, workers: int) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="seed")
-    parser.add_argument("--config", default="depth/sigmoid-d10-default", help="a config key of the preset")
+    parser.add_argument("--configs", default="depth/sigmoid-d10-default",
+                        help="comma-separated config keys of the preset; the first one also gets --steps")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (a lab worker uses 1)")
@@ -203,34 +210,45 @@ def main() -> None:
     parser.add_argument("--lab", action="store_true", help="also time the whole preset both ways")
     parser.add_argument("--lab-preset", default="seed")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--training-only", action="store_true",
+                        help="leave out the per-run diagnosis in both variants (not with --lab)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    entry = _entry(args.preset, args.config)
-    print(f"{args.seeds} seeds of {args.preset}/{args.config} ({entry.label}; {entry.train.epochs} epochs, "
-          f"batch {entry.train.batch_size}, every {entry.train.every}), {args.threads} thread(s)", flush=True)
+    if args.training_only:
+        runner._diagnoser = lambda: None  # run_task's and run_group's _diagnose then store no findings
     report: dict[str, Any] = {
-        "config": f"{args.preset}/{args.config}", "label": entry.label, "seeds": args.seeds,
-        "threads": args.threads, "repeats": args.repeats, "torch": torch.__version__,
-        "machine": platform.platform(), "cpus": os.cpu_count(), "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "runs": bench_runs(entry, args.seeds, args.repeats),
+        "preset": args.preset, "seeds": args.seeds, "threads": args.threads, "repeats": args.repeats,
+        "training_only": args.training_only,
+        "torch": torch.__version__, "machine": platform.platform(), "cpus": os.cpu_count(),
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"), "configs": [],
     }
-    runs = report["runs"]
-    print(f"runs: vectorized / sequential throughput {runs['median_ratio']:.2f}x (median of "
-          f"{args.repeats}; min {runs['min_ratio']:.2f}, max {runs['max_ratio']:.2f}; CPU time "
-          f"{runs['median_cpu_ratio']:.2f}x); {runs['median_sequential_s']:.1f} s -> "
-          f"{runs['median_vectorized_s']:.1f} s", flush=True)
+    keys = [k.strip() for k in args.configs.split(",") if k.strip()]
+    for key in keys:
+        entry = _entry(args.preset, key)
+        print(f"{args.seeds} seeds of {args.preset}/{key} ({entry.label}; {entry.train.epochs} epochs, "
+              f"batch {entry.train.batch_size}, every {entry.train.every}), {args.threads} thread(s)",
+              flush=True)
+        runs = bench_runs(entry, args.seeds, args.repeats)
+        report["configs"].append({"config": key, "label": entry.label, "runs": runs})
+        print(f"runs: vectorized / sequential throughput {runs['median_ratio']:.2f}x (median of "
+              f"{args.repeats}; min {runs['min_ratio']:.2f}, max {runs['max_ratio']:.2f}; CPU time "
+              f"{runs['median_cpu_ratio']:.2f}x); {runs['median_sequential_s']:.1f} s -> "
+              f"{runs['median_vectorized_s']:.1f} s", flush=True)
     if args.steps:
-        steps = report["steps"] = bench_steps(entry, args.seeds, args.steps)
-        print(f"steps (ms for all {args.seeds} seeds): eager one by one {steps['eager_one_by_one_ms']:.2f}, "
-              f"vmap(functional_call) {steps['vmap_functional_call_ms']:.2f} ({steps['vmap_speedup']:.2f}x), "
-              f"batched {steps['batched_ms']:.2f} ({steps['batched_speedup']:.2f}x)", flush=True)
+        steps = report["steps"] = {"config": keys[0], **bench_steps(_entry(args.preset, keys[0]), args.seeds,
+                                                                    args.steps)}
+        print(f"steps of {keys[0]} (ms for all {args.seeds} seeds): eager one by one "
+              f"{steps['eager_one_by_one_ms']:.2f}, vmap(functional_call) "
+              f"{steps['vmap_functional_call_ms']:.2f} ({steps['vmap_speedup']:.2f}x), batched "
+              f"{steps['batched_ms']:.2f} ({steps['batched_speedup']:.2f}x)", flush=True)
     if args.lab:
         lab = report["lab"] = bench_lab(args.lab_preset, args.workers)
         print(f"lab {args.lab_preset} on {args.workers} workers: {lab['sequential_s']:.1f} s -> "
               f"{lab['vectorized_s']:.1f} s ({lab['ratio']:.2f}x)", flush=True)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {RESULTS}")
+    path = RESULTS_TRAINING if args.training_only else RESULTS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
