@@ -247,6 +247,25 @@ SECTIONS = [
         "hidden layer at initialisation for each width.",
         preset="dying_relu",
     ),
+    Section(
+        "glorot2010",
+        "Glorot & Bengio 2010, Figures 7-8: gradient variance per layer, standard vs normalised init",
+        papers.glorot_variance_figure,
+        papers.glorot_variance_caption,
+        "Log-scale line plots, per hidden layer at initialisation relative to the last hidden layer, of the "
+        "back-propagated gradient's variance and of the weight gradient's variance, for tanh and softsign "
+        "with the standard and the normalised init, one row per data set.",
+        preset="glorot2010",
+    ),
+    Section(
+        "he2015",
+        "He et al. 2015: the forward signal through ReLU layers, Xavier vs He init",
+        papers.he_signal_figure,
+        papers.he_signal_caption,
+        "Log-scale plot of each hidden layer's output RMS at initialisation relative to the first, Xavier "
+        "and He init, with the 2^(-(l-1)/2) law; and test accuracy against epochs.",
+        preset="he2015",
+    ),
 ]
 
 

@@ -250,7 +250,7 @@ def he_signal_figure(data: ReportData) -> Figure:
         if curves:
             n = min(len(c) for c in curves)
             right.plot(np.arange(1, n + 1), np.mean([c[:n] for c in curves], axis=0), style,
-                       color=colors[depth], marker="o", ms=3, label=label)
+                       color=colors[depth], marker="o" if n <= 30 else None, ms=3, label=label)
     for depth in depths:
         layers = np.arange(1, depth + 1)
         left.plot(layers, 2.0 ** (-(layers - 1) / 2), ":", color=colors[depth], lw=1)
