@@ -186,7 +186,8 @@ def glorot_variance_caption(data: ReportData) -> str:
             "U[-1/sqrt(n), 1/sqrt(n)] each layer multiplies the back-propagated gradient's variance by "
             "n Var(W) = 1/3, so it shrinks toward the input (dotted line); the normalised init keeps "
             "n Var(W) = 1. The weight gradient's variance, the product of the forward and backward "
-            "variances, stays nearly level with both.")
+            "variances, stays nearly level with both (eq. 15); the first layer, fed by the standardised "
+            "data instead of an activation, can stand apart.")
     parts = []
     for (ds, act), by_init in glorot_variances(data).items():
         if act != "tanh":
