@@ -4,6 +4,7 @@ and the terminal table; the Shapeset-3x2 generator; glorot2010 and he2015 at red
 
 import json
 import math
+import statistics
 
 import pytest
 from typer.testing import CliRunner
@@ -21,7 +22,6 @@ from gradwatch.lab.presets import (
     paper_table,
 )
 from gradwatch.lab.runner import InProcessBackend, plan_tasks, run_lab
-from gradwatch.report import report
 from gradwatch.store import RunStore
 
 TRAIN = TrainSettings(epochs=1, every=5, lr=3e-3)
@@ -105,23 +105,19 @@ def test_resume_keeps_the_entry_dataset(paper_lab):
     assert again.ran == 0 and again.resumed == 4
 
 
-def test_report_shows_the_paper_table_and_verdicts(paper_lab):
-    page = report(lab_dir=paper_lab.out).read_text()
-    assert "Beside the paper" in page and "A. Author (2000), A paper." in page
-    row = paper_lab.paper_rows[0]
-    assert row.ours_text() in page and "ReLU-110" in page and "6.43" in page
-    assert "What the lab checked" in page
-
-
-def test_terminal_summary_prints_the_paper_table(paper_lab, monkeypatch):
+def test_terminal_summary_and_report_show_the_paper_table(paper_lab, monkeypatch):
     from gradwatch.lab import presets
 
     monkeypatch.setitem(presets.PRESETS, "paper-test", _paper_preset())
     result = CliRunner().invoke(app, ["lab", "--preset", "paper-test", "--out", str(paper_lab.out),
                                       "--workers", "1"], env={"COLUMNS": "240"})
     assert result.exit_code == 0, result.output
-    assert "beside the paper" in result.output and "ReLU-110" in result.output
-    assert paper_lab.paper_rows[0].ours_text() in result.output
+    ours = paper_lab.paper_rows[0].ours_text()
+    assert "beside the paper" in result.output and "ReLU-110" in result.output and ours in result.output
+    page = (paper_lab.out / "report.html").read_text()  # the lab's report, as `gradwatch lab` wrote it
+    assert "Beside the paper" in page and "A. Author (2000), A paper." in page
+    assert ours in page and "ReLU-110" in page and "6.43" in page
+    assert "What the lab checked" in page
 
 
 # --- Shapeset-3x2 ----------------------------------------------------------------------------
@@ -178,7 +174,7 @@ def test_load_dataset_knows_shapeset():
     assert "shapeset" in BUILTIN_DATASETS
     data = load_dataset("shapeset", seed=2)
     assert data.input_shape == BUILTIN_INPUT_SHAPES["shapeset"] == (1, 32, 32)
-    assert data.n_classes == 9 and data.n_train + data.n_test == 6000
+    assert data.n_classes == 9 and data.n_train + data.n_test == 20000
     assert abs(float(data.x_train.mean())) < 1e-3  # standardised per pixel on the train split
 
 
@@ -189,3 +185,70 @@ def test_make_shapeset_rejects_bad_arguments():
         make_shapeset(0)
     with pytest.raises(ConfigError, match="size=4"):
         make_shapeset(10, size=4)
+
+
+# --- the presets at reduced size ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def glorot_small(tmp_path_factory):
+    """glorot2010 on MNIST-1D only, width 64, 3 epochs, 2 seeds (the full preset: both data
+    sets, width 256, 3 seeds)."""
+    from gradwatch.lab.papers.glorot2010 import glorot2010_preset
+
+    preset = glorot2010_preset(
+        width=64, datasets=("mnist1d",), seeds=2, name="glorot2010-small",
+        train={"mnist1d": TrainSettings(optimizer="sgd", lr=0.1, epochs=3, batch_size=32, every=50)})
+    return run_lab(preset, out=tmp_path_factory.mktemp("glorot"), backend=InProcessBackend(), vectorize=True)
+
+
+@pytest.mark.slow
+def test_glorot2010_small_shows_the_variance_story(glorot_small):
+    result = glorot_small
+    assert not result.failed and result.seeds == 2
+    rows = {(r.metric, r.config_key): r for r in result.paper_rows}
+    assert len(rows) == 9  # 5 published test errors + 2 x 2 variance factors (tanh, tanh N)
+    standard = rows["backprop_var_factor", "mnist1d/tanh"]
+    normalised = rows["backprop_var_factor", "mnist1d/tanh-n"]
+    # eq. 13-14: n Var(W) = 1/3 per layer with the standard init, times E[tanh'^2] < 1
+    assert standard.n == 2 and 0.2 <= standard.mean <= 0.4
+    assert normalised.mean >= 1.5 * standard.mean  # far less shrinkage (level in the paper)
+    for key in ("mnist1d/tanh", "mnist1d/tanh-n"):  # weight gradients stay level with both
+        assert 0.7 <= rows["weight_grad_var_factor", key].mean <= 1 / 0.7
+    verdicts = {text.split(" ")[0]: v for text, v in result.claims}
+    assert verdicts["sigmoid"].held, verdicts["sigmoid"].evidence  # stuck at chance with SGD
+    assert rows["test_error_pct", "mnist1d/sigmoid"].mean > 85  # 10 classes: chance is 90%
+
+
+@pytest.fixture(scope="module")
+def he_small(tmp_path_factory):
+    """he2015 at depths 8 and 20, width 64, 20 epochs, 2 seeds (the full preset: 22 and 30
+    layers, width 128, 100 epochs, 3 seeds)."""
+    from gradwatch.lab.papers.he2015 import TRAIN, he2015_preset
+
+    preset = he2015_preset(depths=(8, 20), width=64, seeds=2, name="he2015-small",
+                           train=TrainSettings(optimizer=TRAIN.optimizer, lr=TRAIN.lr,
+                                               momentum=TRAIN.momentum, epochs=20,
+                                               batch_size=TRAIN.batch_size, every=10))
+    return run_lab(preset, out=tmp_path_factory.mktemp("he"), backend=InProcessBackend(), vectorize=True)
+
+
+@pytest.mark.slow
+def test_he2015_small_xavier_halves_the_signal_per_layer(he_small):
+    result = he_small
+    assert not result.failed
+    rows = {r.config_key: r for r in result.paper_rows if r.metric == "signal_ratio"}
+    for depth in (8, 20):
+        xavier, he = rows[f"depth{depth}/xavier"], rows[f"depth{depth}/he"]
+        exponent = statistics.fmean(math.log2(v) for v in xavier.values)
+        assert abs(exponent + (depth - 1) / 2) <= 0.15 * (depth - 1) / 2  # 2^(-(L-1)/2), +-15%
+        assert xavier.published.value == pytest.approx(2 ** (-(depth - 1) / 2))
+        assert all(0.25 <= v <= 4 for v in he.values)  # He keeps it level
+    # all three claims hold at this size too: He trains at 20 layers and Xavier never reaches
+    # 50%; at 8 layers both do, He first; the signal law
+    assert len(result.claims) == 3
+    for text, verdict in result.claims:
+        assert verdict.held, f"{text}: {verdict.evidence}"
+    by_key = {s.config_key: s for s in result.summaries}
+    assert by_key["depth20/xavier"].test_acc_mean < 0.5 < 0.8 < by_key["depth20/he"].test_acc_mean
+    assert by_key["depth20/xavier"].main_finding == "vanishing gradients"
