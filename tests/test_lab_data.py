@@ -170,7 +170,7 @@ def test_csv_numeric_labels(tmp_path):
 
 def test_unknown_name_lists_builtins():
     with pytest.raises(DataError, match=r"unknown dataset 'cifar'; give a built-in name "
-                       r"\(digits, mnist1d\) or a path to a \.npz"):
+                       r"\(digits, mnist1d, shapeset\) or a path to a \.npz"):
         load_dataset("cifar")
 
 

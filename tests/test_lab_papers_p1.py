@@ -77,6 +77,7 @@ def paper_lab(tmp_path_factory):
     return run_lab(_paper_preset(), out=out, backend=InProcessBackend())
 
 
+@pytest.mark.slow
 def test_paper_table_puts_our_seeds_beside_the_published_numbers(paper_lab):
     result = paper_lab
     assert not result.failed, result.failed[0].error
@@ -100,11 +101,13 @@ def test_paper_table_puts_our_seeds_beside_the_published_numbers(paper_lab):
     assert lab["paper"]["table"][0]["mean"] == pytest.approx(rows[0].mean)
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_entry_dataset(paper_lab):
     again = run_lab(_paper_preset(), out=paper_lab.out, backend=InProcessBackend())
     assert again.ran == 0 and again.resumed == 4
 
 
+@pytest.mark.slow
 def test_terminal_summary_and_report_show_the_paper_table(paper_lab, monkeypatch):
     from gradwatch.lab import presets
 
