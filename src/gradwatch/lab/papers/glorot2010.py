@@ -18,6 +18,7 @@ minibatch 32 instead of 10, one learning rate for all instead of one tuned per m
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 from collections.abc import Mapping, Sequence
@@ -88,7 +89,8 @@ def _key(dataset: str, name: str) -> str:
 # --- measurements ------------------------------------------------------------------------------
 
 
-def weight_counts(config: ModelConfig, dataset: str) -> list[int]:
+@functools.lru_cache(maxsize=64)
+def weight_counts(config: ModelConfig, dataset: str) -> tuple[int, ...]:
     """Number of weights of each hidden Linear/Conv layer of ``config`` built for ``dataset``,
     input side first (the first layer's depends on the data set's input size).
     """
@@ -98,7 +100,7 @@ def weight_counts(config: ModelConfig, dataset: str) -> list[int]:
 
         shape = load_dataset(dataset).input_shape
     model = build_model(config, shape, 10)
-    return [block._modules[block.layer_name].weight.numel() for block in model.hidden]
+    return tuple(block._modules[block.layer_name].weight.numel() for block in model.hidden)
 
 
 def gradient_variances(metrics: pd.DataFrame, config: ModelConfig,
