@@ -185,7 +185,9 @@ def test_ioffe_preset_small(tmp_path):
         assert 0 < ioffe2015.percentile_drift(store, bn_run) < 3
         steps, acc = ioffe2015.epoch_accuracies(store, bn_run)
         assert list(steps) == [24.0 * e for e in range(1, 7)] and acc.max() > 0.85
-    assert "ioffe2015" in _sections(tmp_path)
+    data = rp.load(lab_dir=tmp_path)
+    assert isinstance(papers_figures.ioffe_figure(data), Figure)
+    assert "of the steps the no-BN net needs" in papers_figures.ioffe_caption(data)
 
 
 @pytest.mark.slow
@@ -202,4 +204,6 @@ def test_resnet_preset_small(tmp_path):
         assert steps[0] == 0 and ratio[0] > 10
         losses = resnet2016.final_train_loss(deep, store)
         assert len(losses) == 1 and 0 < losses[0] < 10
-    assert "resnet2016" in _sections(tmp_path)
+    data = rp.load(lab_dir=tmp_path)
+    assert isinstance(papers_figures.resnet_figure(data), Figure)
+    assert "the δ grows toward the input" in papers_figures.resnet_caption(data)
