@@ -206,4 +206,4 @@ def test_resnet_preset_small(tmp_path):
         assert len(losses) == 1 and 0 < losses[0] < 10
     data = rp.load(lab_dir=tmp_path)
     assert isinstance(papers_figures.resnet_figure(data), Figure)
-    assert "the δ grows toward the input" in papers_figures.resnet_caption(data)
+    assert "the δ grows toward the input" in papers_figures.resnet_caption(data)  # not vanishing

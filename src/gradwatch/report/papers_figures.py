@@ -309,8 +309,12 @@ def resnet_caption(data: ReportData) -> str:
             g = math.exp(float(np.mean(np.log(inits))))
             word = "grows" if g > 1 else "shrinks"
             text += (f" In the {depth}-layer plain net the δ {word} toward the input: first/last ratio "
-                     f"{g:.2g} at initialisation (geometric mean over seeds), so its degradation is not "
-                     "vanishing gradients, as the paper argues.")
+                     f"{g:.2g} at initialisation (geometric mean over seeds).")
+            if g >= 0.1:
+                text += " Its degradation is not vanishing gradients, as the paper argues;"
+                text += (" nor are its norms healthy, though: batch normalisation itself makes a deep plain "
+                         "net's gradients explode toward the input at initialisation (Yang et al. 2019)."
+                         if g > 10 else ".")
     return text
 
 
