@@ -48,6 +48,7 @@ import importlib.util
 import json
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -236,7 +237,7 @@ def _wandb() -> Any:
     global _wandb_run
     if _wandb_run is None:
         os.environ["WANDB_MODE"] = "offline"
-        os.environ.setdefault("WANDB_DIR", tempfile.mkdtemp(prefix="gradwatch-bench-wandb-"))
+        os.environ["WANDB_DIR"] = tempfile.mkdtemp(prefix="gradwatch-bench-wandb-")  # removed at the end
         os.environ["WANDB_SILENT"] = "true"
         import wandb
 
@@ -598,6 +599,7 @@ def main() -> None:
     finally:
         if _wandb_run is not None:
             _wandb_run.finish()
+            shutil.rmtree(os.environ["WANDB_DIR"], ignore_errors=True)
     print()
     print("\n\n".join(tables))
     print(f"\n{time.perf_counter() - started:.0f} s in all; load average now {os.getloadavg()[0]:.1f}")
