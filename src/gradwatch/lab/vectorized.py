@@ -23,13 +23,14 @@ layer, and Adam amplifies that within a few steps (see :class:`_BatchedLinear`);
 batched Linear here is bitwise the per-seed one, so K vectorized runs store the
 numbers K sequential runs store, not merely close ones.
 
-Measured (``bench/results/vectorized.json``, load average 6-10 on 2 cores): a group
-of 5 seeds finishes 2.2-2.6x faster than the 5 runs one after another (median of 5
-rounds, four configurations; 2.0-3.7x leaving out the per-run ``diagnose``, which
-every run still pays, 0.15-0.3 s each); the whole ``seed`` lab (3 seeds, 2 workers)
-1.1-1.4x faster. The target was 3x for 5 seeds: the per-run costs outside training
-(diagnosis, store rows) and the deep configurations' matrix products, which batching
-does not shrink, hold it below that.
+Measured (``bench/results/vectorized.json``, 2 cores shared with other jobs, load
+average 1-4): a group of 5 seeds finishes 2.1-2.8x faster than the 5 runs one after
+another (median of 5 rounds for each of four configurations; 2.0-3.7x leaving out
+the per-run ``diagnose``, 0.15-0.3 s that every run still pays, at load 4-10); the
+whole ``seed`` lab (3 seeds, 2 workers) 1.7x faster (118 s -> 69 s; 1.1-1.4x at
+load 6-10). The target was 3x for 5 seeds: the per-run costs outside training
+(diagnosis, store rows) and the deep configurations' matrix products, which
+batching does not shrink, hold it below that.
 
 What is recorded mirrors :class:`gradwatch.watch.Watcher` with the lab's settings
 (``every`` from the config, activation sample 2048, 8 tracked weights, the
