@@ -21,7 +21,10 @@ def rel(a: float, b: float) -> float:
 
 def batches(n: int, batch: int = 32, d_in: int = 8, d_out: int = 3, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch, d_in, generator=g), torch.randint(0, d_out, (batch,), generator=g)) for _ in range(n)]
+    return [
+        (torch.randn(batch, d_in, generator=g), torch.randint(0, d_out, (batch,), generator=g))
+        for _ in range(n)
+    ]
 
 
 def layer_norms(model: nn.Sequential) -> dict[str, float]:

@@ -9,8 +9,8 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from gradwatch.activations import Activation, activation_names, get_activation
-from gradwatch.diagnose import Finding, Prescription, Thresholds, diagnose
 from gradwatch.alerts import Alert
+from gradwatch.diagnose import Finding, Prescription, Thresholds, diagnose
 from gradwatch.errors import GradientWarning, GradwatchError, TrainingStopped
 from gradwatch.prescribe import prescribe
 from gradwatch.store import RunStore, open_store

@@ -441,8 +441,10 @@ class RunStore:
         )
 
     def finish_run(self, run_id: int, status: str = "finished", error: str | None = None) -> None:
-        """Flush every queued row, then mark the run ``finished``, ``failed`` or ``stopped``
-        (an alert rule stopped training: :class:`~gradwatch.errors.TrainingStopped`)."""
+        """Flush every queued row, then mark the run ``finished``, ``failed`` or ``stopped``.
+
+        ``stopped``: an alert rule stopped training (:class:`~gradwatch.errors.TrainingStopped`).
+        """
         if status not in ("finished", "failed", "stopped"):
             raise StoreError(f"run status {status!r}; expected 'finished', 'failed' or 'stopped'")
         self.flush()
