@@ -72,7 +72,10 @@ from gradwatch.store import LAYER_METRICS, RunStore
 
 __all__ = ["watch", "Watcher", "DEFAULT_EVERY"]
 
-DEFAULT_EVERY = 10
+# Log every 50th step by default (Lightning's log_every_n_steps; wandb.watch's log_freq is
+# 1,000): a logged step costs about one unwatched step on a small CPU model, and the
+# window keeps every step's gradient-norm extremes in between.
+DEFAULT_EVERY = 50
 # Steps closed without being written (unlogged steps with logged values) wait at most this long.
 _MAX_WAITING_STEPS = 256
 # Update ratios are measured on a fixed contiguous block of this many elements per weight
@@ -1144,7 +1147,8 @@ def watch(
             accumulation works) and update ratios are recorded, through the
             optimizer's step hooks: no manual call needed.
         every: log every N-th step (``step % every == 0``), or a callable
-            ``step -> bool``. Default: 10. Unlogged steps do no tensor work.
+            ``step -> bool``. Default: 50 (:data:`DEFAULT_EVERY`). Unlogged steps only
+            update the window (see ``window``).
         store: a :class:`RunStore` or a path. Default: ``$GRADWATCH_STORE``,
             else ``./gradwatch-runs/gradwatch.db``.
         run_name: name of the run. Default: the model's class name and the time.

@@ -111,6 +111,9 @@ def vectorize_reason(entry: GridEntry) -> str | None:
     if entry.model.kind != "mlp":
         return (f"{entry.config_key}: a {entry.model.kind} configuration runs one seed at a time "
                 "(the batched path covers the lab's MLP)")
+    if entry.model.residual and entry.model.block != "simple":
+        return (f"{entry.config_key}: a residual MLP with block={entry.model.block!r} runs one seed at a "
+                "time (the batched path covers the one-layer residual block)")
     return None
 
 
@@ -565,11 +568,9 @@ class _Recorder:
     def _update_sample(self, i: int, params: list[Tensor]) -> Tensor:
         """The watcher's fixed sample of parameter ``i``'s elements, per seed (K, count), copied."""
         flat = params[i].detach().reshape(self.k, -1)
-        key = ("weight", i, flat.shape[1])
-        if key not in self.samples:
-            self.samples[key] = sample_index(flat.shape[1], _UPDATE_SAMPLE, flat.device, seed=i)
-        index = self.samples[key]
-        return flat.clone() if index is None else flat[:, index]
+        n = flat.shape[1]  # the watcher's contiguous block (Watcher._weight_samples_of)
+        start = (i * 7919) % (n - _UPDATE_SAMPLE + 1) if n > _UPDATE_SAMPLE else 0
+        return flat[:, start : start + _UPDATE_SAMPLE].clone()
 
     def after_step(self, loss: Tensor) -> None:
         """After ``optimizer.step()``: update ratios, then the step's rows; the next step begins."""
