@@ -273,8 +273,13 @@ class Watcher:
         self.compiled = isinstance(inner, nn.Module)
         self._params: list[Tensor] = [p for p in model.parameters() if p.requires_grad]
         self._layers = self._discover_layers(inner if self.compiled else model)
-        self._param_layer = {
-            i: layer for layer in self._layers if layer.kind == "param" for i in self._layer_params(layer)
+        index = {id(p): i for i, p in enumerate(self._params)}
+        self._param_layer = {  # each trainable parameter of a watched layer (weight and bias) -> layer
+            index[id(p)]: layer
+            for layer in self._layers
+            if layer.kind == "param"
+            for p in layer.module.parameters(recurse=False)
+            if id(p) in index
         }
         self._chosen = sorted({i for layer in self._layers for i in layer.params})
         self._chosen_pos = {i: k for k, i in enumerate(self._chosen)}
@@ -327,11 +332,6 @@ class Watcher:
                 if activation is not None:
                     layers.append(_Layer(name, module, "activation", activation=activation))
         return layers
-
-    def _layer_params(self, layer: _Layer) -> list[int]:
-        """Indices of all the layer's own trainable parameters (its weight and bias)."""
-        index = {id(p): i for i, p in enumerate(self._params)}
-        return [index[id(p)] for p in layer.module.parameters(recurse=False) if id(p) in index]
 
     def _layer_id(self, layer: _Layer) -> int:
         if layer.layer_id is None:
@@ -892,7 +892,8 @@ class Watcher:
             (lay for lay in self._layers if lay.kind == "param"),
             key=lambda lay: (lay.layer_id is None, lay.layer_id or 0),
         )
-        bad_layers = [lay for lay in ordered if any(i in bad for i in self._layer_params(lay))]
+        touched = {id(self._param_layer[i]) for i in bad if i in self._param_layer}
+        bad_layers = [lay for lay in ordered if id(lay) in touched]
         layer = None
         if bad_layers and len(bad_layers) < len(ordered):
             # backward runs from the output: the deepest bad layer is where it entered
