@@ -22,6 +22,9 @@ __all__ = [
     "batched_region_stats",
     "moments_from_sums",
     "sample_index",
+    "weight_block",
+    "tracked_positions",
+    "UPDATE_SAMPLE",
     "unit_dim",
     "ACTIVATION_STATS",
     "INPUT_QUANTILES",
@@ -77,6 +80,31 @@ def sample_index(numel: int, size: int, device: torch.device, seed: int = 0) -> 
         return None
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, numel, (size,), generator=generator).to(device)
+
+
+# Update ratios are measured on a fixed contiguous block of this many elements per weight
+# (exact for smaller weights): a full copy of every weight costs more than the step.
+UPDATE_SAMPLE = 4096
+
+
+def weight_block(numel: int, index: int, size: int = UPDATE_SAMPLE) -> tuple[int, int]:
+    """``(start, length)`` of parameter ``index``'s sampled block: ``size`` contiguous elements.
+
+    The offset ``(index * 7919) % (numel - size + 1)`` is fixed per parameter and spreads
+    the blocks over the weights; a weight of at most ``size`` elements is taken whole.
+    Whole rows of a weight matrix are a fair sample (units are exchangeable at
+    initialisation), and a contiguous copy costs a third of a scattered gather on CPU.
+    """
+    if numel <= size:
+        return 0, numel
+    return (index * 7919) % (numel - size + 1), size
+
+
+def tracked_positions(length: int, count: int, seed: int) -> list[int]:
+    """``count`` fixed random positions (sorted) in a block of ``length`` elements."""
+    count = min(count, length)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(length, generator=generator)[:count].sort().values.tolist()
 
 
 def activation_region_stats(

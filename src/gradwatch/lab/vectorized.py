@@ -85,6 +85,8 @@ from gradwatch.stats import (
     input_quantiles,
     moments_from_sums,
     sample_index,
+    tracked_positions,
+    weight_block,
 )
 from gradwatch.store import LAYER_METRICS, RunStore
 
@@ -101,7 +103,6 @@ __all__ = [
 # The watcher's settings in a lab run (watch() defaults; see gradwatch.watch).
 _ACTIVATION_SAMPLE = 2048
 _WEIGHT_SAMPLES = 8
-_UPDATE_SAMPLE = 4096
 _QUANTILE_METRICS = ("input_q15", "input_q50", "input_q85")  # stats.INPUT_QUANTILES
 _METRIC_INDEX = {name: i for i, name in enumerate(LAYER_METRICS)}
 
@@ -553,24 +554,28 @@ class _Recorder:
             }
 
     def _tracked(self, lid: int, params: list[Tensor]) -> Tensor:
-        """The watcher's tracked weight elements of layer ``lid``, per seed (K, count)."""
+        """The watcher's tracked weight elements of layer ``lid``, per seed (K, count).
+
+        As ``Watcher._tracked_spec``: fixed random positions inside the weight's
+        update-ratio block (:func:`gradwatch.stats.tracked_positions`).
+        """
         layer = self.net.layers[lid]
-        flat = params[layer.params[0]].detach().reshape(self.k, -1)
+        i = layer.params[0]
+        flat = params[i].detach().reshape(self.k, -1)
         key = ("tracked", layer.name, flat.shape[1])
         if key not in self.samples:
-            count = min(_WEIGHT_SAMPLES, flat.shape[1])
-            generator = torch.Generator().manual_seed(len(layer.name) * 7919 + flat.shape[1])
-            index = torch.randperm(flat.shape[1], generator=generator)[:count].sort().values
+            start, length = weight_block(flat.shape[1], i)
+            where = tracked_positions(length, _WEIGHT_SAMPLES, seed=len(layer.name) * 7919 + flat.shape[1])
+            index = torch.tensor([start + q for q in where], dtype=torch.int64)
             self.samples[key] = index
             self.tracked_index[lid] = index.tolist()  # flat element indices, as the store keeps them
         return flat[:, self.samples[key]]
 
     def _update_sample(self, i: int, params: list[Tensor]) -> Tensor:
-        """The watcher's fixed sample of parameter ``i``'s elements, per seed (K, count), copied."""
+        """The watcher's fixed block of parameter ``i``'s elements, per seed (K, count), copied."""
         flat = params[i].detach().reshape(self.k, -1)
-        n = flat.shape[1]  # the watcher's contiguous block (Watcher._weight_samples_of)
-        start = (i * 7919) % (n - _UPDATE_SAMPLE + 1) if n > _UPDATE_SAMPLE else 0
-        return flat[:, start : start + _UPDATE_SAMPLE].clone()
+        start, length = weight_block(flat.shape[1], i)  # as Watcher._spans
+        return flat[:, start : start + length].clone()
 
     def after_step(self, loss: Tensor) -> None:
         """After ``optimizer.step()``: update ratios, then the step's rows; the next step begins."""
