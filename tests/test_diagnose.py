@@ -291,3 +291,54 @@ def test_no_false_alarms_on_the_fixes(store, digits, config):
     for seed in range(3):
         found = lab_run(store, digits, config, seed)
         assert not kinds(found) & PROBLEMS, (seed, [(f.kind, f.evidence) for f in found])
+
+
+# --- the step x layer tables: numpy's arrangement is pandas' pivot_table ------------------------
+
+
+def reference_pivot(df, kind, column, dropna):
+    """What diagnose computed before its tables were arranged by numpy."""
+    rows = df[df["kind"] == kind]
+    if dropna:
+        rows = rows[rows[column].notna()]
+    return rows.pivot_table(index="step", columns="layer_id", values=column, aggfunc="first", dropna=dropna)
+
+
+TABLES = [("param", "delta_rms", True), ("param", "update_ratio", False), ("activation", "dead_frac", False)]
+
+
+def test_tables_equal_pivot_table_on_a_full_grid():
+    from gradwatch.diagnose import _pivot
+
+    df = frame(geometric(6, 0.5, steps=7), act=lambda s, i: {"dead_frac": 0.1 * i + 0.01 * s},
+               update=lambda s, i: 1e-3 * (s + 1) + i)
+    for kind, column, dropna in TABLES:
+        table = _pivot(df, kind, column, dropna=dropna)
+        pd.testing.assert_frame_equal(table, reference_pivot(df, kind, column, dropna))
+    table = _pivot(df, "activation", "dead_frac")
+    assert table.shape == (7, 5) and table.loc[3, 5] == pytest.approx(0.23)  # act2 is layer 5
+
+
+def test_tables_equal_pivot_table_on_a_ragged_grid():
+    from gradwatch.diagnose import _pivot
+
+    df = frame(geometric(6, 0.5, steps=8), act=lambda s, i: {"dead_frac": 0.1 * i + 0.01 * s})
+    df = df.drop(index=[3, 4, 20, 21, 22, 60]).sample(frac=1.0, random_state=0)  # missing cells, any order
+    df.loc[(df["step"] == 5) & (df["kind"] == "param"), "delta_rms"] = np.nan  # a step without deltas
+    df.loc[df["layer_id"] == 9, "dead_frac"] = np.nan  # an activation layer without values
+    cell = (df["step"] == 3) & (df["layer_id"] == 0)
+    first_nan, duplicate = df[cell].assign(delta_rms=np.nan), df[cell].assign(delta_rms=7.0)
+    df = pd.concat([first_nan, df, duplicate], ignore_index=True)  # the first non-NaN value counts
+    for kind, column, dropna in TABLES:
+        table = _pivot(df, kind, column, dropna=dropna)
+        pd.testing.assert_frame_equal(table, reference_pivot(df, kind, column, dropna))
+    deltas = _pivot(df, "param", "delta_rms", dropna=True)
+    assert 5 not in deltas.index and deltas.loc[3, 0] == 0.5**5 and np.isnan(deltas.loc[2, 0])
+    assert 9 in _pivot(df, "activation", "dead_frac").columns  # kept, all NaN, as dropna=False keeps it
+    only = _pivot(df, "param", "update_ratio", steps=[1, 6])
+    expected = reference_pivot(df[df["step"].isin([1, 6])], "param", "update_ratio", False)
+    pd.testing.assert_frame_equal(only, expected)
+    # a column pandas keeps as objects goes through pivot_table itself, with the same result
+    objects = df.astype({"delta_rms": object})
+    pd.testing.assert_frame_equal(_pivot(objects, "param", "delta_rms", dropna=True).astype("float64"),
+                                  deltas)

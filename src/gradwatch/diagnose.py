@@ -257,34 +257,93 @@ def delta_ratios(metrics: pd.DataFrame) -> pd.Series:
     ``delta_rms`` is ``sqrt(mean((dL/d output)^2))``; the ratio compares the first
     parameterised layer (forward order) with the last. NaN where either is missing.
     """
-    table = _delta_table(metrics)
-    if table.empty:
+    return _ratios(_delta_table(metrics))
+
+
+def _ratios(deltas: pd.DataFrame) -> pd.Series:
+    """:func:`delta_ratios` of a step x layer table of delta RMS."""
+    if deltas.empty:
         return pd.Series(dtype="float64", name="delta_ratio")
-    last = table.iloc[:, -1].where(table.iloc[:, -1] > 0)  # no error signal at all: no ratio
-    return (table.iloc[:, 0] / last).rename("delta_ratio")
+    last = deltas.iloc[:, -1].where(deltas.iloc[:, -1] > 0)  # no error signal at all: no ratio
+    return (deltas.iloc[:, 0] / last).rename("delta_ratio")
 
 
 def _delta_table(metrics: pd.DataFrame) -> pd.DataFrame:
-    params = metrics[(metrics["kind"] == "param") & metrics["delta_rms"].notna()]
-    if params.empty:
-        return pd.DataFrame()
-    return params.pivot_table(index="step", columns="layer_id", values="delta_rms", aggfunc="first")
+    """Step x parameterised layer table of ``delta_rms`` (steps and layers with a value)."""
+    return _pivot(metrics, "param", "delta_rms", dropna=True)
 
 
 def _names(metrics: pd.DataFrame) -> dict[int, str]:
-    return dict(zip(metrics["layer_id"], metrics["layer"], strict=False))
+    return dict(zip(metrics["layer_id"].tolist(), metrics["layer"].tolist(), strict=True))
 
 
-def _pivot(metrics: pd.DataFrame, kind: str, column: str) -> pd.DataFrame:
-    rows = metrics[metrics["kind"] == kind]
-    if column not in rows.columns or rows[column].isna().all():
+def _pivot(metrics: pd.DataFrame, kind: str, column: str, *, dropna: bool = False,
+           steps: Any = None) -> pd.DataFrame:
+    """Step x layer_id table of ``column`` over the rows of ``kind`` (empty when it has no value).
+
+    It is ``rows.pivot_table(index="step", columns="layer_id", values=column,
+    aggfunc="first", dropna=dropna)``: each cell holds the first non-NaN value of its
+    (step, layer_id); ``dropna`` keeps only the steps and layers with at least one value.
+    ``steps`` restricts the rows to those steps. Float columns with integer keys (what
+    the store and the watcher give) are arranged by numpy in one pass, without pandas'
+    groupby (a few hundredths of a second per call, several calls per run); other
+    columns go through ``pivot_table`` itself.
+    """
+    if column not in metrics.columns:
         return pd.DataFrame()
-    return rows.pivot_table(index="step", columns="layer_id", values=column, aggfunc="first", dropna=False)
+    rows = (metrics["kind"] == kind).to_numpy(dtype=bool)
+    if steps is not None:
+        rows = rows & metrics["step"].isin(steps).to_numpy(dtype=bool)
+    values = metrics[column]
+    keys = _is_dtype(metrics["step"], "iu") and _is_dtype(metrics["layer_id"], "iu")
+    if not (keys and _is_dtype(values, "f")):
+        selected = metrics[rows]
+        if dropna:
+            selected = selected[selected[column].notna()]
+        if selected[column].isna().all():
+            return pd.DataFrame()
+        return _pivot_table(selected, column, dropna=dropna)
+    numbers = values.to_numpy()[rows]
+    present = ~np.isnan(numbers)
+    if not present.any():
+        return pd.DataFrame()
+    step = metrics["step"].to_numpy()[rows]
+    layer = metrics["layer_id"].to_numpy()[rows]
+    if dropna:
+        step, layer, numbers, present = step[present], layer[present], numbers[present], present[present]
+    return _grid(step, layer, numbers, present)
+
+
+def _is_dtype(series: pd.Series, kinds: str) -> bool:
+    """Whether ``series`` is a plain numpy column of one of the dtype ``kinds`` ("f", "iu")."""
+    return isinstance(series.dtype, np.dtype) and series.dtype.kind in kinds
+
+
+def _grid(step: np.ndarray, layer: np.ndarray, values: np.ndarray, present: np.ndarray) -> pd.DataFrame:
+    """The table of ``values`` by (step, layer): sorted unique steps x sorted unique layers.
+
+    A cell gets the first of its rows whose value is ``present`` (not NaN), as
+    ``groupby(...).first()`` does; NaN where none is.
+    """
+    step_index, step_of = np.unique(step, return_inverse=True)
+    layer_index, layer_of = np.unique(layer, return_inverse=True)
+    table = np.full((len(step_index), len(layer_index)), np.nan, dtype=values.dtype)
+    cell = (step_of * len(layer_index) + layer_of)[present]
+    cells, first = np.unique(cell, return_index=True)  # a stable sort: the first row of each cell
+    table.flat[cells] = values[present][first]
+    return pd.DataFrame(table, index=pd.Index(step_index, name="step"),
+                        columns=pd.Index(layer_index, name="layer_id"))
+
+
+def _pivot_table(rows: pd.DataFrame, column: str, *, dropna: bool) -> pd.DataFrame:
+    """The pivot by pandas: what :func:`_pivot` equals, and its path for other dtypes."""
+    return rows.pivot_table(index="step", columns="layer_id", values=column, aggfunc="first", dropna=dropna)
 
 
 def _activation_types(metrics: pd.DataFrame) -> dict[int, str]:
-    acts = metrics[metrics["kind"] == "activation"]
-    return dict(zip(acts["layer_id"], acts["type"], strict=False))
+    acts = (metrics["kind"] == "activation").to_numpy(dtype=bool)
+    return dict(zip(metrics["layer_id"].to_numpy()[acts].tolist(), metrics["type"].to_numpy()[acts].tolist(),
+                    strict=True))
 
 
 def _fmt(value: float) -> str:
@@ -396,33 +455,40 @@ class _Run:
 
 def _nonfinite(r: _Run) -> Finding | None:
     m = r.metrics
-    values = m[[c for c in ("grad_norm", "delta_rms", "output_mean", "output_std") if c in m.columns]]
-    inf = np.isinf(values.to_numpy(dtype="float64", na_value=np.nan)).any(axis=1)
+    inf = np.zeros(len(m), dtype=bool)
+    for column in ("grad_norm", "delta_rms", "output_mean", "output_std"):
+        if column in m.columns:
+            inf |= np.isinf(m[column].to_numpy(dtype="float64", na_value=np.nan))
     # A stored NaN sets the row's flag; activations without flat tails (ReLU) record
     # saturated_frac as NaN by design, so their rows count only with a NaN elsewhere.
     flagged = m["nonfinite"].to_numpy(dtype=bool) if "nonfinite" in m.columns else np.zeros(len(m), bool)
-    is_act = (m["kind"] == "activation").to_numpy()
-    act_values = m[[c for c in ("green_frac", "dead_frac", "mean_derivative") if c in m.columns]]
-    act_nan = act_values.isna().any(axis=1).to_numpy() & act_values.notna().any(axis=1).to_numpy()
-    flagged = np.where(is_act, flagged & act_nan, flagged)
-    bad_rows = m[inf | flagged]
+    is_act = (m["kind"] == "activation").to_numpy(dtype=bool)
+    any_nan, any_value = np.zeros(len(m), dtype=bool), np.zeros(len(m), dtype=bool)
+    for column in ("green_frac", "dead_frac", "mean_derivative"):
+        if column in m.columns:
+            missing = m[column].isna().to_numpy(dtype=bool)
+            any_nan |= missing
+            any_value |= ~missing
+    flagged = np.where(is_act, flagged & any_nan & any_value, flagged)
+    bad = inf | flagged
+    bad_rows = m[bad] if bad.any() else None  # most runs have none: no copy of the frame
     steps: list[int] = []
-    if not bad_rows.empty:
+    if bad_rows is not None:
         steps.append(int(bad_rows["step"].min()))
     s = r.scalars
     if "nonfinite_grads" in s.columns:
-        bad = s[s["nonfinite_grads"].fillna(0) > 0]
-        if not bad.empty:
-            steps.append(int(bad["step"].min()))
+        bad_grads = s["nonfinite_grads"].fillna(0) > 0
+        if bad_grads.any():
+            steps.append(int(s["step"][bad_grads].min()))
     loss_step = None
     if "loss" in s.columns and s["loss"].notna().any():
-        loss = s.set_index("step")["loss"]
-        finite = np.isfinite(loss.to_numpy(dtype="float64"))
-        if np.isinf(loss.to_numpy(dtype="float64")).any():
-            loss_step = int(loss.index[np.isinf(loss.to_numpy(dtype="float64"))][0])
+        loss, loss_steps = s["loss"].to_numpy(dtype="float64"), s["step"].to_numpy()
+        finite = np.isfinite(loss)
+        if np.isinf(loss).any():
+            loss_step = int(loss_steps[np.isinf(loss)][0])
         elif not finite[-1] and finite.any():  # NaN from some step to the end, finite before
             last_finite = int(np.flatnonzero(finite)[-1])
-            loss_step = int(loss.index[last_finite + 1])
+            loss_step = int(loss_steps[last_finite + 1])
         if loss_step is not None:
             steps.append(loss_step)
     if not steps:
@@ -446,14 +512,14 @@ def _nonfinite(r: _Run) -> Finding | None:
             where = (f"the forward pass is finite; the backward pass first goes non-finite at "
                      f"'{origin}' (counting from the output), an exploding gradient")
     layers = [origin] if origin else []
-    later = sorted(set(bad_rows["layer"]) - set(layers)) if not bad_rows.empty else []
+    later = sorted(set(bad_rows["layer"]) - set(layers)) if bad_rows is not None else []
     evidence: dict[str, Any] = {"first_step": first, "origin_layer": origin,
-                                "layers_affected": len(set(bad_rows["layer"])) if not bad_rows.empty else 0}
+                                "layers_affected": len(set(bad_rows["layer"])) if bad_rows is not None else 0}
     if loss_step is not None:
         evidence["first_nonfinite_loss_step"] = loss_step
     if "nonfinite_grads" in s.columns:
         evidence["max_nonfinite_parameters"] = float(s["nonfinite_grads"].max())
-    last = int(max(bad_rows["step"].max() if not bad_rows.empty else first, first))
+    last = int(max(bad_rows["step"].max() if bad_rows is not None else first, first))
     text = (f"Non-finite values (inf or NaN) appear at step {first}"
             + (f"; {where}" if where else "") + ". From then on the weights they touch are lost: an "
             "update with a NaN gradient turns the weight into NaN. Usual causes: a learning rate too "
@@ -529,7 +595,7 @@ def _vanishing(r: _Run) -> Finding | None:
     factor = median ** (1.0 / (n - 1)) if median > 0 else 0.0
     first_name, last_name = r.names[r.deltas.columns[0]], r.names[r.deltas.columns[-1]]
     acts = _activation_summary(r, steps)
-    grads = _pivot(r.metrics.loc[r.metrics["step"].isin(steps)], "param", "grad_norm")
+    grads = _pivot(r.metrics, "param", "grad_norm", steps=steps)
     evidence: dict[str, Any] = {
         "delta_ratio": median,
         "delta_ratio_first_step": float(ratios.iloc[0]),
@@ -864,8 +930,7 @@ def _diagnose(metrics: pd.DataFrame, scalar_df: pd.DataFrame | None, t: Threshol
     if "nonfinite" not in metrics.columns:
         metrics = metrics.assign(nonfinite=False)
     deltas = _delta_table(metrics)
-    r = _Run(metrics, scalar_df, t, _names(metrics), deltas, delta_ratios(metrics),
-             _activation_types(metrics))
+    r = _Run(metrics, scalar_df, t, _names(metrics), deltas, _ratios(deltas), _activation_types(metrics))
     findings: list[Finding] = []
     nonfinite = _nonfinite(r)
     if nonfinite is not None:
@@ -876,7 +941,7 @@ def _diagnose(metrics: pd.DataFrame, scalar_df: pd.DataFrame | None, t: Threshol
         metrics = metrics[metrics["step"] < first]
         scalar_df = scalar_df[scalar_df["step"] < first]
         deltas = _delta_table(metrics)
-        r = _Run(metrics, scalar_df, t, r.names, deltas, delta_ratios(metrics), r.act_types)
+        r = _Run(metrics, scalar_df, t, r.names, deltas, _ratios(deltas), r.act_types)
     logged = int(metrics["step"].nunique()) if not metrics.empty else 0
     if logged < t.min_logged_steps:
         what = "logged steps" if nonfinite is None else "logged steps before the first non-finite value"
