@@ -446,16 +446,36 @@ class _Tap:
             self.delta_sq[lid] = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float32).square()
 
     def activation(self, lid: int, x: Tensor) -> None:
-        """An activation's input: what stats.activation_inputs keeps of it, per seed."""
+        """An activation's input (K, N, width): what stats.activation_inputs keeps of it, per seed.
+
+        Seed k keeps its sampled inputs and, per unit, the input where phi' peaks: with a
+        ``peak`` rule that is a max or min over the batch, which is exact in any order.
+        So for such an activation one call keeps all K seeds: their inputs side by side as
+        (N, K * width), each seed's sample mapped into it (the kept inputs are copies of the
+        same elements, the per-unit extremes the same numbers). An activation without a
+        peak rule (phi' itself) is kept one seed at a time, as the watcher computes it.
+        """
         activation = self.net.layers[lid].activation
         assert activation is not None
-        per_seed = x.detach().unbind(0)
-        key = ("activation", lid, per_seed[0].numel())
+        k, n, width = x.shape
+        key = ("activation", lid, n * width)
         if key not in self.samples:
-            self.samples[key] = sample_index(per_seed[0].numel(), _ACTIVATION_SAMPLE, x.device, seed=lid)
+            self.samples[key] = sample_index(n * width, _ACTIVATION_SAMPLE, x.device, seed=lid)
         sample = self.samples[key]
         # (N, width): units along the last dimension, as the watcher's pre-hook after a Linear
-        self.kept.append((lid, [activation_inputs(xs, activation, sample=sample) for xs in per_seed]))
+        if activation.peak is None:
+            self.kept.append((lid, [activation_inputs(xs, activation, sample=sample)
+                                    for xs in x.detach().unbind(0)]))
+            return
+        side = ("side by side", lid, n * width, k)
+        if side not in self.samples:
+            index = sample if sample is not None else torch.arange(n * width, device=x.device)
+            row, unit = index // width, index % width  # seed k's element (row, unit) of its (N, width)
+            self.samples[side] = torch.cat([row * (k * width) + seed * width + unit for seed in range(k)])
+        wide = x.detach().transpose(0, 1).reshape(n, k * width)  # wide[i, seed * width + u] = x[seed, i, u]
+        inputs, per_unit, is_derivative = activation_inputs(wide, activation, sample=self.samples[side])
+        self.kept.append((lid, [(i, u, is_derivative) for i, u in zip(inputs.chunk(k), per_unit.chunk(k),
+                                                                       strict=True)]))
 
 
 # --- recording ---------------------------------------------------------------------------------
