@@ -105,6 +105,11 @@ _ACTIVATION_SAMPLE = 2048
 _WEIGHT_SAMPLES = 8
 _QUANTILE_METRICS = ("input_q15", "input_q50", "input_q85")  # stats.INPUT_QUANTILES
 _METRIC_INDEX = {name: i for i, name in enumerate(LAYER_METRICS)}
+_DELTA, _MEAN, _STD, _SATURATED = (_METRIC_INDEX[m] for m in ("delta_rms", "output_mean", "output_std",
+                                                             "saturated_frac"))
+_GRAD, _WEIGHT, _UPDATE, _GRAD_MAX, _GRAD_MIN = (
+    _METRIC_INDEX[m] for m in ("grad_norm", "weight_norm", "update_ratio", "grad_norm_max", "grad_norm_min"))
+_ACTIVATION_SLOTS = tuple(_METRIC_INDEX[m] for m in ACTIVATION_STATS + _QUANTILE_METRICS)
 
 
 def vectorize_reason(entry: GridEntry) -> str | None:
@@ -502,13 +507,17 @@ class _Window:
         self.steps = 0
 
     def fold(self, step: int, norms: Tensor, totals: Tensor) -> None:
-        bad = ~torch.isfinite(norms)
         torch.maximum(self.max, norms, out=self.max)
         torch.minimum(self.min, norms, out=self.min)
-        self.first_bad.masked_fill_((self.first_bad < 0) & bad, step)
         torch.maximum(self.total_max, totals, out=self.total_max)
         torch.minimum(self.total_min, totals, out=self.total_min)
-        torch.maximum(self.bad_max, bad.sum(1).float(), out=self.bad_max)
+        finite = torch.isfinite(norms)
+        # The batched path runs on the CPU, where this check costs no device sync; with every
+        # norm finite the count of bad ones is 0 and bad_max (>= 0) keeps its value.
+        if not bool(finite.all()):
+            bad = ~finite
+            self.first_bad.masked_fill_((self.first_bad < 0) & bad, step)
+            torch.maximum(self.bad_max, bad.sum(1).float(), out=self.bad_max)
         self.steps += 1
 
 
@@ -525,6 +534,9 @@ class _Recorder:
         self.window: _Window | None = None
         self.chosen = sorted({i for layer in net.layers for i in layer.params})
         self.position = {i: j for j, i in enumerate(self.chosen)}  # parameter index -> slot in chosen
+        # (layer id, its parameter indices, their slots in chosen) of each parameterised layer
+        self.param_layers = [(lid, layer.params, [self.position[i] for i in layer.params])
+                             for lid, layer in enumerate(net.layers) if layer.kind == "param"]
         self.run_ids: list[int] = []
         parameters = sum(p[0].numel() for p in net.params.values())
         optimizer_name = type(optimizer).__name__
@@ -672,34 +684,43 @@ class _Recorder:
 
     def _layer_rows(self, k: int, host: dict[str, Any], counts: dict[int, int]
                     ) -> dict[int, list[float | None]]:
-        """Seed ``k``'s per-layer values of a logged step, in the order of LAYER_METRICS."""
-        rows: dict[int, list[float | None]] = {}
+        """Seed ``k``'s per-layer values of a logged step, in the order of LAYER_METRICS.
 
-        def put(lid: int, metric: str, value: float | None) -> None:
-            rows.setdefault(lid, [None] * len(LAYER_METRICS))[_METRIC_INDEX[metric]] = value
+        Layers come in the order their first value does (deltas, outputs, activations,
+        then the parameters' norms), each row filled in place: this runs K times per
+        logged step, so it does one lookup per layer rather than one per value.
+        """
+        rows: dict[int, list[float | None]] = {}
+        width = len(LAYER_METRICS)
+
+        def row(lid: int) -> list[float | None]:
+            values = rows.get(lid)
+            if values is None:
+                values = rows[lid] = [None] * width
+            return values
 
         for lid, sq in host["deltas"].items():
-            put(lid, "delta_rms", math.sqrt(sq[k] / counts[lid]))
+            row(lid)[_DELTA] = math.sqrt(sq[k] / counts[lid])
         for lid, moments in host["moments"].items():
-            mean, std = moments_from_sums(moments[k][0], moments[k][1] ** 2, counts[lid])
-            put(lid, "output_mean", mean)
-            put(lid, "output_std", std)
-        for lid, values in host["acts"][k].items():
-            for metric, value in zip(ACTIVATION_STATS + _QUANTILE_METRICS, values, strict=True):
-                # NaN means "not applicable" here (no flat tails), not a non-finite value
-                put(lid, metric, None if math.isnan(value) and metric == "saturated_frac" else value)
-        grad, position = host["norms"][k], self.position
-        for lid, layer in enumerate(self.net.layers):
-            if layer.kind != "param":
-                continue
-            slots = [position[i] for i in layer.params]
-            put(lid, "grad_norm", _combine([grad[i] for i in layer.params]))
-            put(lid, "weight_norm", _combine([host["weight_norms"][k][j] for j in slots]))
-            du = _combine([host["update"][k][j] for j in slots])
-            ws = _combine([host["sampled"][k][j] for j in slots])
-            put(lid, "update_ratio", du / ws if ws else math.inf)
-            put(lid, "grad_norm_max", _combine([host["max"][k][i] for i in layer.params]))
-            put(lid, "grad_norm_min", _combine([host["min"][k][i] for i in layer.params]))
+            values = row(lid)
+            values[_MEAN], values[_STD] = moments_from_sums(moments[k][0], moments[k][1] ** 2, counts[lid])
+        for lid, stats in host["acts"][k].items():
+            values = row(lid)
+            for slot, value in zip(_ACTIVATION_SLOTS, stats, strict=True):
+                values[slot] = value
+            if math.isnan(values[_SATURATED]):  # "not applicable" (no flat tails), not a non-finite value
+                values[_SATURATED] = None
+        grad, weight, gmax, gmin = host["norms"][k], host["weight_norms"][k], host["max"][k], host["min"][k]
+        update, sampled = host["update"][k], host["sampled"][k]
+        for lid, params, slots in self.param_layers:
+            values = row(lid)
+            values[_GRAD] = _combine([grad[i] for i in params])
+            values[_WEIGHT] = _combine([weight[j] for j in slots])
+            du = _combine([update[j] for j in slots])
+            ws = _combine([sampled[j] for j in slots])
+            values[_UPDATE] = du / ws if ws else math.inf
+            values[_GRAD_MAX] = _combine([gmax[i] for i in params])
+            values[_GRAD_MIN] = _combine([gmin[i] for i in params])
         return rows
 
     def _activation_rows(self, tap: _Tap) -> list[dict[int, list[float]]]:
