@@ -22,7 +22,9 @@ Variants (``--variants``, keys as below; ``unwatched`` always runs):
 - ``unwatched``; ``foreach``: one ``torch._foreach_norm`` of all gradients and one transfer per
   step (the floor for per-layer norms); ``naive``: a forward hook and a tensor hook on every
   parameterised module (RMS of dL/d output) plus those norms (the naive floor for deltas);
-- ``every``: gradwatch every step with every metric; ``default``: gradwatch at its default cadence;
+- ``every``: gradwatch every step with every metric; ``default``: gradwatch at its default cadence
+  (timed over whole logging periods: see :func:`steps_for`); ``default-nowindow``: the same with
+  ``window=False`` (no gradient norms on unlogged steps);
 - ``wandb-gradients``, ``wandb-all``: ``wandb.watch(model, log="gradients"|"all", log_freq=1)`` in
   offline mode (``WANDB_MODE=offline``, ``WANDB_DIR`` a temporary directory) and ``wandb.log`` of
   the loss every step;
@@ -46,6 +48,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import platform
 import shutil
@@ -327,10 +330,10 @@ class Variant:
         return "compiled" if self.compiled else "unwatched"
 
 
-def _gradwatch(every: int | None) -> Attach:
+def _gradwatch(every: int | None, **options: Any) -> Attach:
     def attach(model: nn.Module, opt: torch.optim.Optimizer, tmp: Path) -> object:
         kwargs = {} if every is None else {"every": every}
-        return gradwatch.watch(model, opt, store=tmp / "gradwatch.db", **kwargs)
+        return gradwatch.watch(model, opt, store=tmp / "gradwatch.db", **kwargs, **options)
 
     return attach
 
@@ -341,6 +344,9 @@ VARIANTS = [
     Variant("naive", "naive delta floor (hooks + norms)", lambda m, o, tmp: _NaiveDeltaFloor(m, o)),
     Variant("every", "gradwatch every step", _gradwatch(1)),
     Variant("default", f"gradwatch default (every {DEFAULT_EVERY})", _gradwatch(None)),
+    Variant(
+        "default-nowindow", f"gradwatch every {DEFAULT_EVERY}, window=False", _gradwatch(None, window=False)
+    ),
     Variant(
         "wandb-gradients",
         'wandb.watch(log="gradients"), every step',
@@ -425,6 +431,18 @@ def time_variant(variant: Variant, spec: ModelSpec, steps: int, warmup: int, tmp
     return elapsed / steps
 
 
+def steps_for(variant: Variant, steps: int) -> int:
+    """Timed steps of a variant: a whole number of logging periods at the default cadence.
+
+    Any ``DEFAULT_EVERY`` consecutive steps hold exactly one logged step, so the default
+    rows time the real mix of logged and unlogged steps (fewer steps would time only
+    unlogged ones, or one logged step in too few).
+    """
+    if variant.key in ("default", "default-nowindow", "compiled-default"):
+        return max(1, math.ceil(steps / DEFAULT_EVERY)) * DEFAULT_EVERY
+    return steps
+
+
 def _error_text(err: BaseException) -> str:
     lines = traceback.format_exception_only(type(err), err)
     text = "".join(lines).strip()
@@ -450,7 +468,7 @@ def bench_model(
         this_round: dict[str, float] = {}
         for v in order:
             try:
-                this_round[v.key] = time_variant(v, spec, steps, warmup, tmp, seed=r)
+                this_round[v.key] = time_variant(v, spec, steps_for(v, steps), warmup, tmp, seed=r)
             except Exception as err:  # noqa: BLE001 - a failing variant is a result, not a crash
                 status[v.key] = "failed"
                 errors[v.key] = _error_text(err)

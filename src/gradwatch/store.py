@@ -194,6 +194,13 @@ def _pid_alive(pid: int | None) -> bool:
     return True
 
 
+_INSERT_LAYER_METRICS = (
+    f"INSERT OR REPLACE INTO layer_metrics(run_id, step, layer_id, {', '.join(LAYER_METRICS)}, flags) "
+    f"VALUES ({', '.join('?' * (len(LAYER_METRICS) + 4))})"
+)
+_FLAG_BITS = np.array([1 << i for i in range(len(LAYER_METRICS))], dtype=np.int64)
+
+
 def _clean(value: float | None) -> float | None:
     """SQLite turns NaN into NULL anyway; do it explicitly."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -239,6 +246,9 @@ class _Writer:
 
     def _run(self) -> None:
         conn = _connect(self._path)
+        # WAL with synchronous=NORMAL: a commit does not wait for fsync; a crash of the process
+        # loses nothing committed, a power cut at most the last commits (SQLite's documentation).
+        conn.execute("PRAGMA synchronous = NORMAL")
         try:
             while True:
                 item = self._queue.get()
@@ -416,12 +426,34 @@ class RunStore:
                     flags |= 1 << i
                 clean.append(_clean(v))
             out.append((run_id, step, layer_id, *clean, flags))
-        cols = ", ".join(LAYER_METRICS)
-        marks = ", ".join("?" * (len(LAYER_METRICS) + 4))
-        self._writer_or_start().put(
-            f"INSERT OR REPLACE INTO layer_metrics(run_id, step, layer_id, {cols}, flags) VALUES ({marks})",
-            out,
-        )
+        self._writer_or_start().put(_INSERT_LAYER_METRICS, out)
+
+    def add_layer_array(
+        self, run_id: int, step: int, layer_ids: Sequence[int], values: np.ndarray, present: np.ndarray
+    ) -> None:
+        """Queue one step's layer rows from arrays: the watcher's fast path of :meth:`add_layer_metrics`.
+
+        ``values`` and ``present`` are ``(len(layer_ids), len(LAYER_METRICS))``: a value is
+        stored where ``present`` is True (NULL elsewhere); a present NaN is NULL with its
+        bit set in ``flags``, as in :meth:`add_layer_metrics`.
+        """
+        values = np.asarray(values, dtype=np.float64)
+        present = np.asarray(present, dtype=bool)
+        if values.shape != (len(layer_ids), len(LAYER_METRICS)) or present.shape != values.shape:
+            raise StoreError(
+                f"layer arrays of shape {values.shape} and {present.shape}; expected "
+                f"({len(layer_ids)}, {len(LAYER_METRICS)}): a row per layer id, a column per LAYER_METRICS"
+            )
+        nan = np.isnan(values)
+        flags = (nan & present) @ _FLAG_BITS
+        cells = values.astype(object)
+        cells[nan | ~present] = None
+        out = [
+            (run_id, step, int(lid), *row, int(flag))
+            for lid, row, flag in zip(layer_ids, cells.tolist(), flags.tolist(), strict=True)
+        ]
+        if out:
+            self._writer_or_start().put(_INSERT_LAYER_METRICS, out)
 
     def add_scalars(self, run_id: int, rows: Iterable[tuple[int, str, float | None]]) -> None:
         """Queue ``(step, name, value)`` rows (loss, total_grad_norm, lr, user values)."""

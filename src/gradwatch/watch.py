@@ -51,6 +51,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
@@ -60,13 +61,13 @@ from gradwatch.alerts import Action, Alert, resolve_alerts
 from gradwatch.errors import ConfigError, GradientWarning, TrainingStopped, WatchError
 from gradwatch.stats import (
     ACTIVATION_STATS,
+    UPDATE_SAMPLE,
     activation_inputs,
     batched_region_stats,
     input_quantiles,
-    moments_from_sums,
-    output_moments,
     sample_index,
-    squared_norm,
+    tracked_positions,
+    weight_block,
 )
 from gradwatch.store import LAYER_METRICS, RunStore
 
@@ -78,9 +79,8 @@ __all__ = ["watch", "Watcher", "DEFAULT_EVERY"]
 DEFAULT_EVERY = 50
 # Steps closed without being written (unlogged steps with logged values) wait at most this long.
 _MAX_WAITING_STEPS = 256
-# Update ratios are measured on a fixed contiguous block of this many elements per weight
-# (exact for smaller weights): a full copy of every weight costs more than the step.
-_UPDATE_SAMPLE = 4096
+# The window folds its steps' norm vectors into running extremes this many at a time.
+_WINDOW_CHUNK = 64
 _METRIC_INDEX = {name: i for i, name in enumerate(LAYER_METRICS)}
 _QUANTILE_METRICS = ("input_q15", "input_q50", "input_q85")  # stats.INPUT_QUANTILES
 _CONV_TYPES = (nn.modules.conv._ConvNd,)
@@ -101,24 +101,24 @@ class _Layer:
     layer_id: int | None = None  # forward order, assigned when first seen
 
 
-@dataclass
+@dataclass(slots=True)
 class _Step:
     """Everything recorded during one step, on device until the step closes."""
 
     step: int
     logged: bool
-    delta_sq: dict[int, list[Tensor]] = field(default_factory=lambda: defaultdict(list))
-    delta_count: dict[int, int] = field(default_factory=lambda: defaultdict(int))
-    moments: dict[int, list[tuple[Tensor, int]]] = field(default_factory=lambda: defaultdict(list))
+    # per call of a watched layer: (layer id, numel, sum(out), ||out||), then (layer id, numel, ||dL/d out||)
+    moments: list[tuple[int, int, Tensor, Tensor]] = field(default_factory=list)
+    deltas: list[tuple[int, int, Tensor]] = field(default_factory=list)
     act_kept: list[tuple[int, Activation, tuple[Tensor, Tensor, bool]]] = field(default_factory=list)
-    grad_norms: Tensor | None = None  # per watched parameter
-    weight_norms: Tensor | None = None
-    update_norms: Tensor | None = None
-    snapshot: list[Tensor] | None = None
+    grad_norms: Tensor | None = None  # per parameter in grad_present
+    weight_norms: Tensor | None = None  # per chosen parameter
+    update_norms: Tensor | None = None  # ||after - before|| per chosen parameter's block, then ||before||
+    snapshot: Any = None  # the blocks before optimizer.step(): _Blocks, or copies of sharded samples
     grad_present: list[int] = field(default_factory=list)  # params that had a .grad
-    weight_values: list[tuple[int, Tensor]] = field(default_factory=list)  # (layer id, sampled weights)
+    tracked: Tensor | None = None  # the tracked weight elements, in _Blocks.tracked order
     lr: float | Tensor | None = None
-    values: dict[str, list[float | Tensor]] = field(default_factory=lambda: defaultdict(list))
+    values: dict[str, list[float | Tensor]] | None = None
     backward_queued: bool = False
     scale: Tensor | None = None  # the GradScaler's scale during this step's backward (logged steps)
     skipped: bool = False  # a GradScaler skipped the optimizer step (inf/NaN): recorded, not data
@@ -127,10 +127,12 @@ class _Step:
 
 
 class _Window:
-    """Running extremes of the per-step gradient norms since the last logged step, on device.
+    """Extremes of the per-step gradient norms since the last logged step, on device.
 
-    Folding a step is about ten tiny ops and no sync; the window is read (one
-    transfer, with the logged step's values) and replaced at each logged step.
+    A step adds its norm vector to a list (no op); the list is folded into the
+    running extremes (a dozen ops for all of its steps at once) when the window is
+    read at a logged step or when it holds :data:`_WINDOW_CHUNK` steps. A step on
+    which some parameters had no gradient is folded at once, by index.
     """
 
     def __init__(self, n: int, device: torch.device) -> None:
@@ -142,24 +144,93 @@ class _Window:
         self.total_min = torch.full((), math.inf, device=device)
         self.bad_max = torch.zeros((), device=device)
         self.steps = 0
+        self._pending: list[Tensor] = []  # full norm vectors of the steps not folded yet
+        self._pending_steps: list[int] = []
 
-    def fold(self, step: int, norms: Tensor, index: Tensor | None) -> None:
+    def add(self, step: int, norms: Tensor, index: Tensor | None) -> None:
         """Add one step's per-parameter norms (of the parameters ``index``; None: all)."""
+        self.steps += 1
+        if index is None:
+            self._pending.append(norms)
+            self._pending_steps.append(step)
+            if len(self._pending) >= _WINDOW_CHUNK:
+                self.fold()
+            return
+        self.fold()
         bad = ~torch.isfinite(norms)
         total = torch.linalg.vector_norm(norms)
-        if index is None:
-            torch.maximum(self.max, norms, out=self.max)
-            torch.minimum(self.min, norms, out=self.min)
-            self.first_bad.masked_fill_((self.first_bad < 0) & bad, step)
-        else:
-            self.max.index_copy_(0, index, torch.maximum(self.max.index_select(0, index), norms))
-            self.min.index_copy_(0, index, torch.minimum(self.min.index_select(0, index), norms))
-            first = self.first_bad.index_select(0, index)
-            self.first_bad.index_copy_(0, index, first.masked_fill_((first < 0) & bad, step))
+        self.max.index_copy_(0, index, torch.maximum(self.max.index_select(0, index), norms))
+        self.min.index_copy_(0, index, torch.minimum(self.min.index_select(0, index), norms))
+        first = self.first_bad.index_select(0, index)
+        self.first_bad.index_copy_(0, index, first.masked_fill_((first < 0) & bad, step))
         torch.maximum(self.total_max, total, out=self.total_max)
         torch.minimum(self.total_min, total, out=self.total_min)
         torch.maximum(self.bad_max, bad.sum().float(), out=self.bad_max)
-        self.steps += 1
+
+    def fold(self) -> None:
+        """Fold the pending steps into the running extremes (NaN propagates, as in torch.maximum)."""
+        if not self._pending:
+            return
+        norms = torch.stack(self._pending)  # (steps, parameters)
+        steps = torch.tensor(self._pending_steps, device=self.device)
+        self._pending, self._pending_steps = [], []
+        bad = ~torch.isfinite(norms)
+        totals = torch.linalg.vector_norm(norms, dim=1)
+        torch.maximum(self.max, norms.amax(0), out=self.max)
+        torch.minimum(self.min, norms.amin(0), out=self.min)
+        first = steps.index_select(0, bad.to(torch.uint8).argmax(0))  # the first bad step of each
+        self.first_bad.copy_(torch.where((self.first_bad < 0) & bad.any(0), first, self.first_bad))
+        torch.maximum(self.total_max, totals.amax(), out=self.total_max)
+        torch.minimum(self.total_min, totals.amin(), out=self.total_min)
+        torch.maximum(self.bad_max, bad.sum(1).amax().float(), out=self.bad_max)
+
+
+class _Blocks:
+    """A fixed contiguous block of each watched weight, copied into one buffer on logged steps.
+
+    Parameter ``i``'s block is :func:`gradwatch.stats.weight_block` (4096 elements at a
+    fixed offset; all of a smaller weight). The blocks before ``optimizer.step()`` and
+    after give the update ratio ``||after - before|| / ||before||``; the tracked weights
+    of a layer (the seeds' "weights against epochs") are fixed random positions inside
+    its weight's block (:func:`gradwatch.stats.tracked_positions`), read from the same
+    copy. Copying every block is one ``torch._foreach_copy_``; the ratios are three more ops.
+    ``tracked`` holds ``(layer id, k, positions in block k)`` (see ``Watcher._tracked_spec``).
+    """
+
+    def __init__(
+        self, weights: list[Tensor], spans: list[tuple[int, int]], tracked: list[tuple[int, int, list[int]]]
+    ) -> None:
+        self.spans = spans
+        self.device = weights[0].device
+        self.dtype = weights[0].dtype
+        dtypes = {w.dtype for w in weights}
+        dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+        width = max(length for _, length in spans)
+        self.before = torch.zeros(len(spans), width, device=self.device, dtype=dtype)
+        self.after = torch.zeros_like(self.before)
+        self.before_rows = [self.before[k, :n] for k, (_, n) in enumerate(spans)]
+        self.after_rows = [self.after[k, :n] for k, (_, n) in enumerate(spans)]
+        flat = [k * width + q for _, k, where in tracked for q in where]
+        self.tracked_index = torch.tensor(flat, dtype=torch.int64, device=self.device) if flat else None
+
+    def views(self, weights: list[Tensor]) -> list[Tensor]:
+        """Each weight's block, a view (no copy)."""
+        return [w.reshape(-1)[a : a + n] for w, (a, n) in zip(weights, self.spans, strict=True)]
+
+    def copy_before(self, weights: list[Tensor]) -> None:
+        torch._foreach_copy_(self.before_rows, self.views(weights))
+
+    def update_norms(self, weights: list[Tensor]) -> Tensor:
+        """``||after - before||`` per block, then ``||before||`` per block (float32, on device)."""
+        torch._foreach_copy_(self.after_rows, self.views(weights))
+        both = torch.stack([self.after - self.before, self.before])
+        return torch.linalg.vector_norm(both, dim=2, dtype=torch.float32).reshape(-1)
+
+    def take_tracked(self) -> Tensor | None:
+        """The tracked elements of the blocks copied last (before the step), in ``tracked`` order."""
+        if self.tracked_index is None:
+            return None
+        return self.before.reshape(-1).index_select(0, self.tracked_index)
 
 
 def _first_grad_tensor(output: Any) -> Tensor | None:
@@ -283,6 +354,8 @@ class Watcher:
         }
         self._chosen = sorted({i for layer in self._layers for i in layer.params})
         self._chosen_pos = {i: k for k, i in enumerate(self._chosen)}
+        self._param_layers = [layer for layer in self._layers if layer.kind == "param"]
+        self._layout: tuple | None = None  # see _param_layout
         self._next_layer_id = 0
         self._record: _Step | None = None
         self._closed: list[_Step] = []  # closed steps waiting to be written
@@ -292,6 +365,8 @@ class Watcher:
         self._last_param_was_conv = False
         self._handles: list[RemovableHandle] = []
         self._armed: list[RemovableHandle] = []
+        self._in_forward = False  # inside the root module's training forward of a logged step
+        self._blocks: _Blocks | None = None
         self._live_warned: set[str] = set()
         self._stop_alert: Alert | None = None
         self._attached = True
@@ -375,15 +450,21 @@ class Watcher:
 
     def _on_root_pre_forward(self, module: nn.Module, args: Any) -> None:
         if not (torch.is_grad_enabled() and module.training):
-            return  # evaluation: record nothing, change no step
+            if self._armed:
+                self._disarm()  # evaluation: record nothing, change no step
+            return
         if self._record is None or self._stepped or self.optimizer is None:
             self._close_step()
             self._open_step()
-        if self._record.logged and not self._armed and not self.compiled:
-            self._arm()
+        if self._record.logged and not self.compiled:
+            if not self._armed:
+                self._arm()  # the hooks stay on while consecutive steps are logged
+            self._in_forward = True
+        elif self._armed:
+            self._disarm()
 
     def _on_root_forward(self, module: nn.Module, args: Any, output: Any) -> None:
-        self._disarm()
+        self._in_forward = False
         record = self._record
         if record is None or not (record.logged or self._window_on):
             return
@@ -424,19 +505,28 @@ class Watcher:
         for handle in self._armed:
             handle.remove()
         self._armed.clear()
+        self._in_forward = False
 
     # -- hooks on logged steps --------------------------------------------------
+    # Each hook is armed only during the root module's training forward of a logged
+    # step (``_in_forward``): a submodule called on its own, or re-run by activation
+    # checkpointing during backward, records nothing.
 
     def _make_param_hook(self, layer: _Layer) -> Callable:
         def on_forward(module: nn.Module, args: Any, output: Any) -> None:
-            record = self._record
-            out = _first_grad_tensor(output)
-            self._last_param_was_conv = isinstance(module, _CONV_TYPES)
-            if record is None or out is None or not torch.is_grad_enabled():
+            if not self._in_forward:
                 return
-            lid = self._layer_id(layer)
-            with torch.no_grad():
-                record.moments[lid].append((output_moments(out), out.numel()))
+            out = output if type(output) is Tensor else _first_grad_tensor(output)
+            self._last_param_was_conv = isinstance(module, _CONV_TYPES)
+            record = self._record
+            if record is None or out is None or not out.is_floating_point() or not torch.is_grad_enabled():
+                return
+            lid = layer.layer_id if layer.layer_id is not None else self._layer_id(layer)
+            x = out.detach()
+            dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+            # sum(x) and ||x||: mean and std pool exactly over calls (gradwatch.stats.moments_from_sums)
+            moments = (x.sum(dtype=dtype), torch.linalg.vector_norm(x, dtype=dtype))
+            record.moments.append((lid, x.numel(), *moments))
             if out.requires_grad:
                 out.register_hook(self._make_delta_hook(record, lid))
 
@@ -444,10 +534,10 @@ class Watcher:
 
     def _make_delta_hook(self, record: _Step, lid: int) -> Callable[[Tensor], None]:
         def on_grad(grad: Tensor) -> None:
-            with torch.no_grad():
-                record.delta_sq[lid].append(squared_norm(grad))
-            record.delta_count[lid] += grad.numel()
-            self._queue_backward_end(record)  # in case the output hook saw no backward
+            dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
+            record.deltas.append((lid, grad.numel(), torch.linalg.vector_norm(grad.detach(), dtype=dtype)))
+            if not record.backward_queued:  # in case the output hook saw no backward
+                self._queue_backward_end(record)
 
         return on_grad
 
@@ -457,20 +547,19 @@ class Watcher:
 
         def on_pre_forward(module: nn.Module, args: Any) -> None:
             record = self._record
-            if record is None or not args or not isinstance(args[0], Tensor):
+            if not self._in_forward or record is None or not args or not isinstance(args[0], Tensor):
                 return
             x = args[0]
             if not x.is_floating_point():
                 return
             channels_first = x.ndim >= 4 or (x.ndim == 3 and self._last_param_was_conv)
-            lid = self._layer_id(layer)
+            lid = layer.layer_id if layer.layer_id is not None else self._layer_id(layer)
             key = ("activation", lid, x.numel(), x.device)
-            if key not in self._samples:
-                self._samples[key] = sample_index(x.numel(), self._activation_sample, x.device, seed=lid)
-            with torch.no_grad():
-                kept = activation_inputs(
-                    x, activation, channels_first=channels_first, sample=self._samples[key]
-                )
+            sample = self._samples.get(key, False)
+            if sample is False:
+                sample = sample_index(x.numel(), self._activation_sample, x.device, seed=lid)
+                self._samples[key] = sample
+            kept = activation_inputs(x, activation, channels_first=channels_first, sample=sample)
             record.act_kept.append((lid, activation, kept))
 
         return on_pre_forward
@@ -522,52 +611,64 @@ class Watcher:
             self._close_step(write=True)
 
     def _weight_stats(self, record: _Step) -> None:
-        """Weight norms and the tracked weight elements of a logged step, on device."""
+        """Weight norms, the blocks before the step and the tracked weights of a logged step, on device."""
         weights = [self._params[i].detach() for i in self._chosen]
-        if weights:
-            record.weight_norms = self._norms(weights)
-        if self._weight_samples:
-            record.weight_values = [
-                (self._layer_id(layer), self._tracked_weights(layer))
-                for layer in self._layers
-                if layer.params
-            ]
-
-    def _tracked_weights(self, layer: _Layer) -> Tensor:
-        """The same few elements of a layer's weight at every logged step (the seeds' plot)."""
-        weight = self._params[layer.params[0]].detach()
-        key = ("tracked", layer.name, weight.numel(), weight.device)
-        if key not in self._samples:
-            count = min(self._weight_samples, weight.numel())
-            generator = torch.Generator().manual_seed(len(layer.name) * 7919 + weight.numel())
-            index = torch.randperm(weight.numel(), generator=generator)[:count].sort().values
-            self._samples[key] = index.to(weight.device)
-            self._tracked_index[self._layer_id(layer)] = index.tolist()  # flat element indices, on the host
-        return _take([weight], [self._samples[key]])[0]
-
-    def _weight_samples_of(self, chosen: list[int], *, copy: bool = True) -> list[Tensor]:
-        """A fixed sample of each parameter's elements (all of them if few): a copy, or a view.
-
-        The sample is a contiguous block of :data:`_UPDATE_SAMPLE` elements at a fixed
-        random offset (whole rows of a weight matrix: units are exchangeable), which
-        costs a third of a scattered gather on CPU. Sharded (DTensor) parameters use
-        a scattered sample of the full tensor (:func:`gradwatch.sharding.global_take`).
-        """
-        weights = [self._params[i].detach() for i in chosen]
+        if not weights:
+            return
+        record.weight_norms = self._norms(weights)
         if any(_is_dtensor(w) for w in weights):
-            indices = []
-            for i, w in zip(chosen, weights, strict=True):
-                key = ("weight", i, w.numel(), w.device)
-                if key not in self._samples:
-                    self._samples[key] = sample_index(w.numel(), _UPDATE_SAMPLE, w.device, seed=i)
-                indices.append(self._samples[key])
-            return _take(weights, indices)
-        blocks = []
-        for i, w in zip(chosen, weights, strict=True):
-            n = w.numel()
-            start = (i * 7919) % (n - _UPDATE_SAMPLE + 1) if n > _UPDATE_SAMPLE else 0
-            blocks.append(w.reshape(-1)[start : start + _UPDATE_SAMPLE])
-        return [b.clone() for b in blocks] if copy else blocks
+            self._sharded_weight_stats(record, weights)
+            return
+        blocks = self._blocks
+        if blocks is None or blocks.device != weights[0].device or blocks.dtype != weights[0].dtype:
+            blocks = self._blocks = _Blocks(weights, self._spans(weights), self._tracked_spec(weights))
+        blocks.copy_before(weights)
+        record.snapshot = blocks
+        if self._weight_samples:
+            record.tracked = blocks.take_tracked()
+
+    def _spans(self, weights: list[Tensor]) -> list[tuple[int, int]]:
+        """The update-ratio block of each chosen parameter (:func:`gradwatch.stats.weight_block`)."""
+        return [weight_block(w.numel(), i) for i, w in zip(self._chosen, weights, strict=True)]
+
+    def _tracked_spec(self, weights: list[Tensor]) -> list[tuple[int, int, list[int]]]:
+        """``(layer id, k, positions)`` per layer: its tracked weights in chosen parameter k's block.
+
+        The elements' flat indices in the weight (``start + position``) go to the store,
+        once, in :attr:`_tracked_index`.
+        """
+        if not self._weight_samples:
+            return []
+        spans = self._spans(weights)
+        spec = []
+        for layer in self._layers:
+            if not layer.params:
+                continue
+            k = self._chosen_pos[layer.params[0]]
+            start, length = spans[k]
+            seed = len(layer.name) * 7919 + weights[k].numel()
+            where = tracked_positions(length, self._weight_samples, seed=seed)
+            lid = self._layer_id(layer)
+            spec.append((lid, k, where))
+            self._tracked_index[lid] = [start + q for q in where]
+        return spec
+
+    def _sharded_weight_stats(self, record: _Step, weights: list[Tensor]) -> None:
+        """The sharded (DTensor) path: samples of the full tensors, gathered across ranks."""
+        indices = []
+        for i, w in zip(self._chosen, weights, strict=True):
+            key = ("weight", i, w.numel(), w.device)
+            if key not in self._samples:
+                self._samples[key] = sample_index(w.numel(), UPDATE_SAMPLE, w.device, seed=i)
+            indices.append(self._samples[key])
+        record.snapshot = (indices, _take(weights, indices))
+        if self._weight_samples:
+            spec = self._tracked_spec(weights)
+            spans = self._spans(weights)
+            device = weights[0].device
+            picked = [weights[k] for _, k, _ in spec]
+            where = [torch.tensor([spans[k][0] + q for q in pos], device=device) for _, k, pos in spec]
+            record.tracked = torch.cat(_take(picked, where)) if picked else None
 
     def _on_optimizer_pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         record = self._current()
@@ -579,19 +680,21 @@ class Watcher:
             if record.grad_norms is None:  # no backward seen through the model's output
                 self._grad_norms_now(record)
             self._weight_stats(record)
-            record.snapshot = self._weight_samples_of(self._chosen)
         record.lr = optimizer.param_groups[0].get("lr")
 
     def _on_optimizer_post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         record = self._record
         if record is not None and record.logged:
             with torch.no_grad():
-                if record.snapshot is not None and len(record.snapshot) == len(self._chosen):
-                    after = self._weight_samples_of(self._chosen, copy=False)
-                    diffs = torch._foreach_sub(after, record.snapshot)
-                    # ||w_after - w_before|| / ||w_before||, both on the same sample of elements
+                weights = [self._params[i].detach() for i in self._chosen]
+                # ||w_after - w_before|| / ||w_before||, both on the same sample of elements
+                if isinstance(record.snapshot, _Blocks):
+                    record.update_norms = record.snapshot.update_norms(weights)
+                elif record.snapshot is not None:
+                    indices, before = record.snapshot
+                    diffs = torch._foreach_sub(_take(weights, indices), before)
                     record.update_norms = torch.cat(
-                        [_stack(torch._foreach_norm(diffs)), _stack(torch._foreach_norm(record.snapshot))]
+                        [_stack(torch._foreach_norm(diffs)), _stack(torch._foreach_norm(before))]
                     )
                 grads = [p.grad for p in self._params if p.grad is not None]
                 unchanged = record.grad_versions == [(id(g), g._version) for g in grads]
@@ -657,23 +760,24 @@ class Watcher:
     # -- closing a step: one transfer, rows to the store -------------------------
 
     @staticmethod
-    def _activation_stats_of(record: _Step, gather: _Gather) -> dict[int, list[_At]]:
-        """Region statistics of every activation call of the step, one batch per activation kind."""
+    def _region_stats(record: _Step, gather: _Gather) -> list[tuple[list[int], int]]:
+        """Region statistics of every activation call of the step, one batch per activation kind.
+
+        Returns ``(layer ids of the calls, handle)`` per kind; the handle's values are
+        row-major ``(calls, 7)``: :data:`ACTIVATION_STATS`, then the input quantiles.
+        """
         groups: dict[tuple, list[tuple[int, Activation, tuple]]] = defaultdict(list)
         for lid, activation, kept in record.act_kept:
             key = (activation.name, tuple(sorted(activation.params.items())), kept[0].device)
             groups[key].append((lid, activation, kept))
-        where: dict[int, list[_At]] = defaultdict(list)
+        out = []
         with torch.no_grad():
             for members in groups.values():
                 kept = [kept for _, _, kept in members]
                 regions = batched_region_stats(kept, members[0][1])
                 stats = torch.cat([regions, input_quantiles([k[0] for k in kept])], 1)
-                at = gather.add(stats)  # row-major (calls, 7): ACTIVATION_STATS, then _QUANTILE_METRICS
-                width = stats.shape[1]
-                for row, (lid, _, _) in enumerate(members):
-                    where[lid].append(_At(at + width * row))
-        return where
+                out.append(([lid for lid, _, _ in members], gather.add(stats)))
+        return out
 
     def _close_step(self, *, write: bool = False) -> None:
         """Close the open step; write closed steps at a logged step, on request, or when many wait.
@@ -696,17 +800,20 @@ class Watcher:
         assert norms is not None
         window = self._window
         if window is None or window.device != norms.device:
+            if window is not None:
+                window.fold()
             window = self._window = _Window(len(self._params), norms.device)
-        present = tuple(record.grad_present)
+        present = record.grad_present
         if len(present) == len(self._params):
             index = None
         else:
-            index = self._present_index.get(present)
+            key = tuple(present)
+            index = self._present_index.get(key)
             if index is None or index.device != norms.device:
                 if len(self._present_index) > 64:
                     self._present_index.clear()
-                index = self._present_index[present] = torch.tensor(present, device=norms.device)
-        window.fold(record.step, norms, index)
+                index = self._present_index[key] = torch.tensor(key, device=norms.device)
+        window.add(record.step, norms, index)
 
     def _write(self, records: list[_Step]) -> None:
         """Bring the records' device values to the host in one transfer and queue their rows."""
@@ -717,33 +824,41 @@ class Watcher:
             self._write_record(record, plan, host)
 
     def _plan(self, record: _Step, gather: _Gather) -> dict[str, Any]:
-        values = {
-            name: [gather.add(v) if isinstance(v, Tensor) else v for v in vals]
-            for name, vals in record.values.items()
+        """What of a closed step goes to the host: a handle per tensor (see :class:`_Gather`)."""
+        values = {}
+        for name, vals in (record.values or {}).items():
+            tensors = [v for v in vals if isinstance(v, Tensor)]
+            floats = [v for v in vals if not isinstance(v, Tensor)]
+            values[name] = (gather.add(torch.stack(tensors)) if tensors else None, floats, len(vals))
+        plan: dict[str, Any] = {
+            "values": values,
+            "scale": gather.add(record.scale) if record.scale is not None else None,
         }
         if not record.logged or record.skipped:
-            return {"values": values, "scale": gather.add(record.scale) if record.scale is not None else None}
-        return {
-            "values": values,
-            "deltas": [(lid, [gather.add(t) for t in v]) for lid, v in record.delta_sq.items()],
-            "moments": [(lid, [(gather.add(t), n) for t, n in v]) for lid, v in record.moments.items()],
-            "acts": self._activation_stats_of(record, gather),
-            "grad": gather.add(record.grad_norms) if record.grad_norms is not None else None,
-            "tracked": [(lid, gather.add(v)) for lid, v in record.weight_values],
-            "weight": gather.add(record.weight_norms) if record.weight_norms is not None else None,
-            "update": gather.add(record.update_norms) if record.update_norms is not None else None,
-            "applied": gather.add(record.applied_norm) if record.applied_norm is not None else None,
-            "scale": gather.add(record.scale) if record.scale is not None else None,
-            "window": self._take_window(gather),
-            "lr": gather.add(record.lr) if isinstance(record.lr, Tensor) else record.lr,
-            "time": time.time(),
-        }
+            return plan
+        plan.update(
+            deltas=gather.add(torch.stack([t for _, _, t in record.deltas])) if record.deltas else None,
+            moments=gather.add(
+                torch.stack([t for *_, a, b in record.moments for t in (a, b)])
+            ) if record.moments else None,
+            acts=self._region_stats(record, gather),
+            grad=gather.add(record.grad_norms) if record.grad_norms is not None else None,
+            tracked=gather.add(record.tracked) if record.tracked is not None else None,
+            weight=gather.add(record.weight_norms) if record.weight_norms is not None else None,
+            update=gather.add(record.update_norms) if record.update_norms is not None else None,
+            applied=gather.add(record.applied_norm) if record.applied_norm is not None else None,
+            window=self._take_window(gather),
+            lr=gather.add(record.lr) if isinstance(record.lr, Tensor) else record.lr,
+            time=time.time(),
+        )
+        return plan
 
     def _take_window(self, gather: _Gather) -> dict[str, Any] | None:
         """The window's tensors into the gather; the next steps fold into a new window."""
         window, self._window = self._window, None
         if window is None or not window.steps:
             return None
+        window.fold()
         return {
             "steps": window.steps,
             "max": gather.add(window.max),
@@ -752,116 +867,151 @@ class Watcher:
             "totals": gather.add(torch.stack([window.total_max, window.total_min, window.bad_max])),
         }
 
-    def _write_record(self, record: _Step, plan: dict[str, Any], host: list[float]) -> None:
+    def _param_layout(self, has_grad: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(parameter, layer id, chosen slot)`` arrays, one entry per watched layer's parameter.
+
+        A layer gets its id here if no hook gave it one (a compiled model) and one of
+        its parameters has a gradient. Cached until a new layer id is given.
+        """
+        for layer in self._param_layers:
+            if layer.layer_id is None and has_grad[layer.params].any():
+                self._layer_id(layer)
+        if self._layout is None or self._layout[0] != self._next_layer_id:
+            entries = [
+                (i, layer.layer_id, self._chosen_pos[i])
+                for layer in self._param_layers
+                if layer.layer_id is not None
+                for i in layer.params
+            ]
+            table = np.array(entries, dtype=np.int64).reshape(-1, 3)
+            self._layout = (self._next_layer_id, table[:, 0], table[:, 1], table[:, 2])
+        return self._layout[1:]
+
+    def _write_record(self, record: _Step, plan: dict[str, Any], host: _Host) -> None:
+        step = record.step
         scalars: list[tuple[int, str, float | None]] = []
-        for name, vals in plan["values"].items():
-            nums = [host[v] if isinstance(v, _At) else v for v in vals]
-            scalars.append((record.step, name, sum(nums) / len(nums)))
-        scale = host[plan["scale"]] if plan["scale"] is not None else None
+        for name, (at, floats, count) in plan["values"].items():
+            total = sum(floats) + (float(host[at].sum()) if at is not None else 0.0)
+            scalars.append((step, name, total / count))
+        scale = host.scalar(plan["scale"]) if plan["scale"] is not None else None
         if scale is not None:
-            scalars.append((record.step, "grad_scale", scale))
+            scalars.append((step, "grad_scale", scale))
         if record.skipped:
-            scalars.append((record.step, "skipped_step", 1.0))
+            scalars.append((step, "skipped_step", 1.0))
         if not record.logged or record.skipped:
             self.store.add_scalars(self.run_id, scalars)
             return
-        deltas, moments, acts = plan["deltas"], plan["moments"], plan["acts"]
-        grad_at, weight_at, update_at, lr = plan["grad"], plan["weight"], plan["update"], plan["lr"]
-        now = plan["time"]
         unscale = 1.0 / (scale * scale) if scale else 1.0  # deltas were taken on the scaled loss
 
-        rows: dict[int, list[float | None]] = {}
-
-        def put(lid: int, metric: str, value: float | None) -> None:
-            rows.setdefault(lid, [None] * len(LAYER_METRICS))[_METRIC_INDEX[metric]] = value
-
-        for lid, at in deltas:
-            count = record.delta_count[lid]
-            put(lid, "delta_rms", math.sqrt(sum(host[a] for a in at) * unscale / count) if count else None)
-        for lid, calls in moments:
-            total = sum(host[a] for a, _ in calls)
-            norm_sq = sum(host[a + 1] ** 2 for a, _ in calls)
-            mean, std = moments_from_sums(total, norm_sq, sum(n for _, n in calls))
-            put(lid, "output_mean", mean)
-            put(lid, "output_std", std)
-        for lid, calls in acts.items():
-            for k, metric in enumerate(ACTIVATION_STATS + _QUANTILE_METRICS):
-                value = sum(host[a + k] for a in calls) / len(calls)
-                # NaN means "not applicable" here (no flat tails), not a non-finite value
-                put(lid, metric, None if math.isnan(value) and metric == "saturated_frac" else value)
-
-        if grad_at is not None:
-            grad = {i: host[grad_at + k] for k, i in enumerate(record.grad_present)}
-            scalars.append((record.step, "total_grad_norm", _combine_norms(grad.values())))
-            nonfinite = sum(not math.isfinite(g) for g in grad.values())
-            scalars.append((record.step, "nonfinite_grads", float(nonfinite)))
-            n_chosen = len(self._chosen)
-            for layer in self._layers:
-                if layer.kind != "param" or not any(i in grad for i in layer.params):
-                    continue
-                lid = self._layer_id(layer)
-                put(lid, "grad_norm", _combine_norms(grad[i] for i in layer.params if i in grad))
-                if weight_at is None:
-                    continue
-                slots = [self._chosen_pos[i] for i in layer.params]
-                w = _combine_norms(host[weight_at + k] for k in slots)
-                put(lid, "weight_norm", w)
-                if update_at is not None:
-                    du = _combine_norms(host[update_at + k] for k in slots)
-                    ws = _combine_norms(host[update_at + n_chosen + k] for k in slots)
-                    put(lid, "update_ratio", du / ws if ws else math.inf)
-        if plan["applied"] is not None:
-            scalars.append((record.step, "clipped_grad_norm", host[plan["applied"]]))
-        first_bad: dict[int, int] = {}
+        n_params = len(self._params)
+        has_grad = np.zeros(n_params, dtype=bool)
+        grad = np.zeros(n_params)
+        if plan["grad"] is not None:
+            has_grad[record.grad_present] = True
+            grad[record.grad_present] = host[plan["grad"]]
         window = plan["window"]
         if window is not None:
-            n = len(self._params)
-            t_max, t_min, bad_max = host[window["totals"] : window["totals"] + 3]
-            scalars += [
-                (record.step, "total_grad_norm_max", t_max),
-                (record.step, "total_grad_norm_min", t_min),
-                (record.step, "nonfinite_grads_max", bad_max),
-                (record.step, "window_steps", float(window["steps"])),
-            ]
-            first_bad = {
-                i: int(host[window["first_bad"] + i]) for i in range(n) if host[window["first_bad"] + i] >= 0
-            }
-            for layer in self._layers:
-                if layer.kind != "param":
-                    continue
-                maxima = [host[window["max"] + i] for i in layer.params]
-                if all(v == -math.inf for v in maxima):
-                    continue  # no gradient in the window
-                lid = self._layer_id(layer)
-                put(lid, "grad_norm_max", _combine_norms(maxima))
-                put(lid, "grad_norm_min", _combine_norms(host[window["min"] + i] for i in layer.params))
-        if lr is not None:
-            scalars.append((record.step, "lr", host[lr] if isinstance(lr, _At) else lr))
-        scalars.append((record.step, "wall_time", now))
+            w_max, w_min = host[window["max"]], host[window["min"]]
+            in_window = w_max != -math.inf  # NaN counts: the parameter had a (bad) gradient
+        else:
+            in_window = np.zeros(n_params, dtype=bool)
+        params, lids, slots = self._param_layout(has_grad | in_window)
+        n = self._next_layer_id
+        table = np.full((n, len(LAYER_METRICS)), np.nan)
+        present = np.zeros((n, len(LAYER_METRICS)), dtype=bool)
 
-        self.store.add_layer_metrics(self.run_id, ((record.step, lid, vals) for lid, vals in rows.items()))
-        if plan["tracked"]:
-            self.store.add_weight_samples(
-                self.run_id,
-                [
-                    (record.step, lid, element, host[at + k])
-                    for lid, at in plan["tracked"]
-                    for k, element in enumerate(self._tracked_index[lid])
-                ],
-            )
+        def put(metric: str, values: np.ndarray, where: np.ndarray) -> None:
+            col = _METRIC_INDEX[metric]
+            table[where, col] = values[where]
+            present[where, col] = True
+
+        def per_layer(ids: list[int] | np.ndarray, weights: np.ndarray) -> np.ndarray:
+            return np.bincount(ids, weights=weights, minlength=n)
+
+        if plan["deltas"] is not None:
+            ids = [lid for lid, _, _ in record.deltas]
+            count = per_layer(ids, np.array([c for _, c, _ in record.deltas], dtype=np.float64))
+            sq = per_layer(ids, host[plan["deltas"]] ** 2 * unscale)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                put("delta_rms", np.sqrt(sq / count), count > 0)
+        if plan["moments"] is not None:
+            ids = [lid for lid, *_ in record.moments]
+            pairs = host[plan["moments"]].reshape(-1, 2)
+            count = per_layer(ids, np.array([c for _, c, *_ in record.moments], dtype=np.float64))
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mean = per_layer(ids, pairs[:, 0]) / count
+                std = np.sqrt(np.maximum(per_layer(ids, pairs[:, 1] ** 2) / count - mean * mean, 0.0))
+            put("output_mean", mean, count > 0)
+            put("output_std", std, count > 0)
+        for ids, at in plan["acts"]:
+            stats = host[at].reshape(len(ids), -1)  # calls x (ACTIVATION_STATS + input quantiles)
+            calls = per_layer(ids, np.ones(len(ids)))
+            for k, metric in enumerate(ACTIVATION_STATS + _QUANTILE_METRICS):
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    mean = per_layer(ids, stats[:, k]) / calls
+                where = calls > 0
+                if metric == "saturated_frac":  # NaN: not applicable (no flat tails), not non-finite
+                    where = where & ~np.isnan(mean)
+                put(metric, mean, where)
+
+        if plan["grad"] is not None:
+            present_grads = grad[record.grad_present]
+            scalars.append((step, "total_grad_norm", float(np.sqrt(np.sum(present_grads**2)))))
+            scalars.append((step, "nonfinite_grads", float(np.sum(~np.isfinite(present_grads)))))
+            layer_has = per_layer(lids, has_grad[params].astype(np.float64)) > 0
+            put("grad_norm", np.sqrt(per_layer(lids, grad[params] ** 2)), layer_has)
+            if plan["weight"] is not None:
+                weight = host[plan["weight"]]
+                put("weight_norm", np.sqrt(per_layer(lids, weight[slots] ** 2)), layer_has)
+                if plan["update"] is not None:
+                    update = host[plan["update"]].reshape(2, -1)
+                    moved = np.sqrt(per_layer(lids, update[0][slots] ** 2))
+                    before = np.sqrt(per_layer(lids, update[1][slots] ** 2))
+                    with np.errstate(invalid="ignore", divide="ignore"):
+                        ratio = np.where(before != 0, moved / np.where(before != 0, before, 1.0), np.inf)
+                    put("update_ratio", ratio, layer_has)
+        if plan["applied"] is not None:
+            scalars.append((step, "clipped_grad_norm", host.scalar(plan["applied"])))
+        first_bad: dict[int, int] = {}
+        if window is not None:
+            t_max, t_min, bad_max = host[window["totals"]].tolist()
+            scalars += [
+                (step, "total_grad_norm_max", t_max),
+                (step, "total_grad_norm_min", t_min),
+                (step, "nonfinite_grads_max", bad_max),
+                (step, "window_steps", float(window["steps"])),
+            ]
+            bad_at = host[window["first_bad"]]
+            first_bad = {int(i): int(bad_at[i]) for i in np.flatnonzero(bad_at >= 0)}
+            layer_in = per_layer(lids, in_window[params].astype(np.float64)) > 0
+            hi = np.where(in_window, w_max, 0.0)[params]  # a parameter without a gradient adds nothing
+            lo = np.where(np.isposinf(w_min), 0.0, w_min)[params]
+            put("grad_norm_max", np.sqrt(per_layer(lids, hi**2)), layer_in)
+            put("grad_norm_min", np.sqrt(per_layer(lids, lo**2)), layer_in)
+        lr = plan["lr"]
+        if lr is not None:
+            scalars.append((step, "lr", host.scalar(lr) if isinstance(lr, _Handle) else lr))
+        scalars.append((step, "wall_time", plan["time"]))
+
+        written = np.flatnonzero(present.any(axis=1))
+        self.store.add_layer_array(self.run_id, step, written, table[written], present[written])
+        if plan["tracked"] is not None:
+            values = host[plan["tracked"]].tolist()
+            rows, k = [], 0
+            for lid, elements in self._tracked_index.items():
+                for element in elements:
+                    rows.append((step, lid, element, values[k]))
+                    k += 1
+            self.store.add_weight_samples(self.run_id, rows)
         self.store.add_scalars(self.run_id, scalars)
-        self._check_alerts(record, rows, scalars, first_bad)
+        deltas = table[:, _METRIC_INDEX["delta_rms"]]
+        has_delta = present[:, _METRIC_INDEX["delta_rms"]]
+        self._check_alerts(record, {lid: float(deltas[lid]) for lid in np.flatnonzero(has_delta)}, first_bad)
 
     # -- alerts ------------------------------------------------------------------
 
-    def _check_alerts(
-        self,
-        record: _Step,
-        rows: dict[int, list[float | None]],
-        scalars: list[tuple],
-        first_bad: dict[int, int],
-    ) -> None:
-        """Judge a written step; warn, call back or stop as :attr:`_alerts` says."""
+    def _check_alerts(self, record: _Step, deltas: dict[int, float], first_bad: dict[int, int]) -> None:
+        """Judge a written step (``deltas``: delta_rms by layer id); warn, call back or stop."""
         found: list[Alert] = []
         if first_bad and self._alerts["nonfinite"] != "ignore":
             found.append(self._nonfinite_alert(first_bad))
@@ -869,15 +1019,11 @@ class Watcher:
         if judged:
             from gradwatch.diagnose import live_check
 
-            delta = _METRIC_INDEX["delta_rms"]
             params = sorted(
-                (lay for lay in self._layers if lay.kind == "param" and lay.layer_id in rows),
-                key=lambda lay: lay.layer_id,
+                (lay for lay in self._param_layers if lay.layer_id in deltas), key=lambda lay: lay.layer_id
             )
-            deltas = {
-                lay.name: rows[lay.layer_id][delta] for lay in params if rows[lay.layer_id][delta] is not None
-            }
-            text = live_check(deltas, None, 0, self._thresholds, run_id=self.run_id)
+            by_name = {lay.name: deltas[lay.layer_id] for lay in params}
+            text = live_check(by_name, None, 0, self._thresholds, run_id=self.run_id)
             kind = next((k for k in judged if text and text.startswith(f"gradwatch: {k}")), None)
             if kind is not None:
                 found.append(Alert(kind, record.step, text, None, self.run_id))
@@ -959,6 +1105,8 @@ class Watcher:
                 )
             else:
                 value = float(value)
+            if record.values is None:
+                record.values = defaultdict(list)
             record.values[name].append(value)
 
     def flush(self) -> None:
@@ -1039,43 +1187,62 @@ def _user_stacklevel() -> int:
     return level
 
 
-class _At(int):
-    """An offset into a step's host values (distinguishes gathered values from plain floats)."""
+class _Handle(int):
+    """A tensor's place in a :class:`_Gather` (tells gathered values from plain floats)."""
+
+
+class _Host:
+    """A step's gathered values on the host: ``host[handle]`` is that tensor's elements (float64)."""
+
+    def __init__(self, flat: np.ndarray, spans: list[tuple[int, int]]) -> None:
+        self._flat, self._spans = flat, spans
+
+    def __getitem__(self, handle: _Handle) -> np.ndarray:
+        start, stop = self._spans[handle]
+        return self._flat[start:stop]
+
+    def scalar(self, handle: _Handle) -> float:
+        return float(self._flat[self._spans[handle][0]])
 
 
 class _Gather:
-    """Collects a step's device tensors and brings them to the host in one transfer per device."""
+    """Collects a step's device tensors and brings them to the host in one transfer per device.
+
+    0-d tensors are stacked (one op) and everything is concatenated (one op) before
+    the transfer.
+    """
 
     def __init__(self) -> None:
         self._parts: list[Tensor] = []
-        self._size = 0
 
-    def add(self, tensor: Tensor) -> _At:
-        flat = tensor.detach().reshape(-1)
-        self._parts.append(flat)
-        self._size += flat.numel()
-        return _At(self._size - flat.numel())
+    def add(self, tensor: Tensor) -> _Handle:
+        self._parts.append(tensor.detach())
+        return _Handle(len(self._parts) - 1)
 
-    def to_host(self) -> list[float]:
-        if not self._parts:
-            return []
-        devices = {t.device for t in self._parts}
-        if len(devices) == 1:
-            return torch.cat([t.float() for t in self._parts]).cpu().tolist()
-        # model parallel: one transfer per device, then back in order
-        out: list[float] = [0.0] * self._size
-        offsets = [0]
-        for t in self._parts:
-            offsets.append(offsets[-1] + t.numel())
-        for device in devices:
-            idx = [k for k, t in enumerate(self._parts) if t.device == device]
-            flat = torch.cat([self._parts[k].float() for k in idx]).cpu().tolist()
-            pos = 0
-            for k in idx:
-                n = self._parts[k].numel()
-                out[offsets[k] : offsets[k] + n] = flat[pos : pos + n]
-                pos += n
-        return out
+    def to_host(self) -> _Host:
+        parts = self._parts
+        if not parts:
+            return _Host(np.zeros(0), [])
+        devices = {t.device for t in parts}
+        flat = np.zeros(sum(t.numel() for t in parts))
+        spans: list[tuple[int, int]] = [(0, 0)] * len(parts)
+        at = 0
+        for device in devices:  # one transfer per device (more than one: model parallel)
+            mine = [k for k, t in enumerate(parts) if len(devices) == 1 or t.device == device]
+            scalars = [k for k in mine if parts[k].ndim == 0]
+            vectors = [k for k in mine if parts[k].ndim != 0]
+            pieces = [torch.stack([parts[k] for k in scalars])] if scalars else []
+            pieces += [parts[k].reshape(-1) for k in vectors]
+            values = torch.cat(pieces).cpu().numpy() if len(pieces) > 1 else pieces[0].cpu().numpy()
+            flat[at : at + values.size] = values
+            for k in scalars:
+                spans[k] = (at, at + 1)
+                at += 1
+            for k in vectors:
+                size = parts[k].numel()
+                spans[k] = (at, at + size)
+                at += size
+        return _Host(flat, spans)
 
 
 def _take(tensors: list[Tensor], indices: list[Tensor | None]) -> list[Tensor]:
