@@ -226,15 +226,20 @@ def input_quantiles(inputs: list[Tensor], q: tuple[float, ...] = INPUT_QUANTILES
     each tensor taken at a fixed stride (the watcher's kept inputs are a random sample
     already; for an unsampled input the stride spreads them over the whole batch).
     """
+    levels = torch.tensor(q, device=inputs[0].device, dtype=torch.float32)
+    sizes = {x.numel() for x in inputs}
+    if len(sizes) == 1:  # the usual case: a fixed number of ops for all the layers
+        n = sizes.pop()
+        rows = torch.stack([x if x.ndim == 1 else x.reshape(-1) for x in inputs]).float()
+        if n > QUANTILE_SAMPLE:
+            rows = rows[:, :: n // QUANTILE_SAMPLE][:, :QUANTILE_SAMPLE]
+        return torch.quantile(rows, levels, dim=1).T
     flat = []
     for x in inputs:
         x = x.reshape(-1).float()
         if x.numel() > QUANTILE_SAMPLE:
             x = x[:: x.numel() // QUANTILE_SAMPLE][:QUANTILE_SAMPLE]
         flat.append(x)
-    levels = torch.tensor(q, device=flat[0].device, dtype=torch.float32)
-    if len({x.numel() for x in flat}) == 1:
-        return torch.quantile(torch.stack(flat), levels, dim=1).T
     return torch.stack([torch.quantile(x, levels) for x in flat])
 
 

@@ -84,6 +84,7 @@ _WINDOW_CHUNK = 64
 _METRIC_INDEX = {name: i for i, name in enumerate(LAYER_METRICS)}
 _QUANTILE_METRICS = ("input_q15", "input_q50", "input_q85")  # stats.INPUT_QUANTILES
 _CONV_TYPES = (nn.modules.conv._ConvNd,)
+_ACCUMULATE = (torch.float32, torch.float64)  # dtypes whose sums and norms are taken as they are
 
 # model -> its watcher; weak on both sides so neither keeps the other alive.
 _WATCHED: weakref.WeakKeyDictionary[nn.Module, weakref.ref[Watcher]] = weakref.WeakKeyDictionary()
@@ -211,11 +212,17 @@ class _Blocks:
         self.before_rows = [self.before[k, :n] for k, (_, n) in enumerate(spans)]
         self.after_rows = [self.after[k, :n] for k, (_, n) in enumerate(spans)]
         flat = [k * width + q for _, k, where in tracked for q in where]
+        self._key: list[int] = []
+        self._views: list[Tensor] = []
         self.tracked_index = torch.tensor(flat, dtype=torch.int64, device=self.device) if flat else None
 
     def views(self, weights: list[Tensor]) -> list[Tensor]:
-        """Each weight's block, a view (no copy)."""
-        return [w.reshape(-1)[a : a + n] for w, (a, n) in zip(weights, self.spans, strict=True)]
+        """Each weight's block, a view (no copy); kept while the weights keep their storage."""
+        key = [w.data_ptr() for w in weights]
+        if key != self._key:
+            self._views = [w.reshape(-1)[a : a + n] for w, (a, n) in zip(weights, self.spans, strict=True)]
+            self._key = key
+        return self._views
 
     def copy_before(self, weights: list[Tensor]) -> None:
         torch._foreach_copy_(self.before_rows, self.views(weights))
@@ -354,6 +361,7 @@ class Watcher:
         }
         self._chosen = sorted({i for layer in self._layers for i in layer.params})
         self._chosen_pos = {i: k for k, i in enumerate(self._chosen)}
+        self._chosen_params = [self._params[i] for i in self._chosen]
         self._param_layers = [layer for layer in self._layers if layer.kind == "param"]
         self._layout: tuple | None = None  # see _param_layout
         self._next_layer_id = 0
@@ -523,9 +531,12 @@ class Watcher:
                 return
             lid = layer.layer_id if layer.layer_id is not None else self._layer_id(layer)
             x = out.detach()
-            dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-            # sum(x) and ||x||: mean and std pool exactly over calls (gradwatch.stats.moments_from_sums)
-            moments = (x.sum(dtype=dtype), torch.linalg.vector_norm(x, dtype=dtype))
+            # sum(x) and ||x||: mean and std pool exactly over calls (gradwatch.stats.moments_from_sums);
+            # float32 at least (no dtype argument when it is: that would cost a conversion op each)
+            if x.dtype in _ACCUMULATE:
+                moments = (x.sum(), torch.linalg.vector_norm(x))
+            else:
+                moments = (x.sum(dtype=torch.float32), torch.linalg.vector_norm(x, dtype=torch.float32))
             record.moments.append((lid, x.numel(), *moments))
             if out.requires_grad:
                 out.register_hook(self._make_delta_hook(record, lid))
@@ -534,8 +545,11 @@ class Watcher:
 
     def _make_delta_hook(self, record: _Step, lid: int) -> Callable[[Tensor], None]:
         def on_grad(grad: Tensor) -> None:
-            dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
-            record.deltas.append((lid, grad.numel(), torch.linalg.vector_norm(grad.detach(), dtype=dtype)))
+            if grad.dtype in _ACCUMULATE:  # hooks run with grad mode off: no detach needed
+                norm = torch.linalg.vector_norm(grad)
+            else:
+                norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
+            record.deltas.append((lid, grad.numel(), norm))
             if not record.backward_queued:  # in case the output hook saw no backward
                 self._queue_backward_end(record)
 
@@ -612,7 +626,7 @@ class Watcher:
 
     def _weight_stats(self, record: _Step) -> None:
         """Weight norms, the blocks before the step and the tracked weights of a logged step, on device."""
-        weights = [self._params[i].detach() for i in self._chosen]
+        weights = self._chosen_params  # callers run under torch.no_grad(): no detach needed
         if not weights:
             return
         record.weight_norms = self._norms(weights)
@@ -686,7 +700,7 @@ class Watcher:
         record = self._record
         if record is not None and record.logged:
             with torch.no_grad():
-                weights = [self._params[i].detach() for i in self._chosen]
+                weights = self._chosen_params
                 # ||w_after - w_before|| / ||w_before||, both on the same sample of elements
                 if isinstance(record.snapshot, _Blocks):
                     record.update_norms = record.snapshot.update_norms(weights)
