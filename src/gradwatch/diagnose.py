@@ -278,20 +278,21 @@ def _names(metrics: pd.DataFrame) -> dict[int, str]:
 
 
 def _pivot(metrics: pd.DataFrame, kind: str, column: str, *, dropna: bool = False,
-           steps: Any = None) -> pd.DataFrame:
+           steps: Any = None, kinds: np.ndarray | None = None) -> pd.DataFrame:
     """Step x layer_id table of ``column`` over the rows of ``kind`` (empty when it has no value).
 
     It is ``rows.pivot_table(index="step", columns="layer_id", values=column,
     aggfunc="first", dropna=dropna)``: each cell holds the first non-NaN value of its
     (step, layer_id); ``dropna`` keeps only the steps and layers with at least one value.
-    ``steps`` restricts the rows to those steps. Float columns with integer keys (what
+    ``steps`` restricts the rows to those steps; ``kinds`` is ``metrics["kind"]`` as an
+    array, when the caller has it already. Float columns with integer keys (what
     the store and the watcher give) are arranged by numpy in one pass, without pandas'
     groupby (a few hundredths of a second per call, several calls per run); other
     columns go through ``pivot_table`` itself.
     """
     if column not in metrics.columns:
         return pd.DataFrame()
-    rows = (metrics["kind"] == kind).to_numpy(dtype=bool)
+    rows = (metrics["kind"].to_numpy() if kinds is None else kinds) == kind
     if steps is not None:
         rows = rows & metrics["step"].isin(steps).to_numpy(dtype=bool)
     values = metrics[column]
@@ -448,9 +449,21 @@ class _Run:
     deltas: pd.DataFrame  # step x param layer_id
     ratios: pd.Series  # first/last delta per step
     act_types: dict[int, str]
+    kinds: np.ndarray = field(init=False)  # metrics["kind"], once
+
+    def __post_init__(self) -> None:
+        self.kinds = self.metrics["kind"].to_numpy()
 
     def label(self, ids) -> list[str]:
         return [self.names[i] for i in ids]
+
+    def table(self, kind: str, column: str, steps: Any = None) -> pd.DataFrame:
+        """Step x layer_id table of ``column`` over the layers of ``kind`` (see :func:`_pivot`)."""
+        return _pivot(self.metrics, kind, column, steps=steps, kinds=self.kinds)
+
+    def by_step(self, name: str) -> pd.Series:
+        """Scalar ``name`` indexed by step: ``scalars.set_index("step")[name]``, without the frame's copy."""
+        return self.scalars[name].set_axis(pd.Index(self.scalars["step"]))
 
 
 def _nonfinite(r: _Run) -> Finding | None:
@@ -462,7 +475,7 @@ def _nonfinite(r: _Run) -> Finding | None:
     # A stored NaN sets the row's flag; activations without flat tails (ReLU) record
     # saturated_frac as NaN by design, so their rows count only with a NaN elsewhere.
     flagged = m["nonfinite"].to_numpy(dtype=bool) if "nonfinite" in m.columns else np.zeros(len(m), bool)
-    is_act = (m["kind"] == "activation").to_numpy(dtype=bool)
+    is_act = r.kinds == "activation"
     any_nan, any_value = np.zeros(len(m), dtype=bool), np.zeros(len(m), dtype=bool)
     for column in ("green_frac", "dead_frac", "mean_derivative"):
         if column in m.columns:
@@ -529,17 +542,22 @@ def _nonfinite(r: _Run) -> Finding | None:
 
 
 def _activation_summary(r: _Run, steps) -> dict[str, Any]:
-    acts = r.metrics[(r.metrics["kind"] == "activation") & r.metrics["step"].isin(steps)]
-    if acts.empty or acts["mean_derivative"].isna().all():
+    """The activation layers at the first of ``steps``: their mean derivative and green fraction."""
+    m = r.metrics
+    rows = (r.kinds == "activation") & m["step"].isin(steps).to_numpy(dtype=bool)
+    derivative = m["mean_derivative"].to_numpy(dtype="float64", na_value=np.nan)[rows]
+    if np.isnan(derivative).all():  # also when no activation row is left
         return {}
-    first = acts[acts["step"] == acts["step"].min()]
-    d = first["mean_derivative"].to_numpy(dtype="float64", na_value=np.nan)
+    step = m["step"].to_numpy()[rows]
+    first = step == step.min()
+    d = derivative[first]
+    green = m["green_frac"].to_numpy(dtype="float64", na_value=np.nan)[rows][first]
     return {
-        "activation_layers": int(len(first)),
-        "activation_types": ", ".join(sorted(set(first["type"]))),
+        "activation_layers": int(first.sum()),
+        "activation_types": ", ".join(sorted(set(m["type"].to_numpy()[rows][first].tolist()))),
         "mean_derivative": float(np.nanmean(d)),
         "derivative_product": float(np.nanprod(d)),
-        "green_frac": float(np.nanmean(first["green_frac"].to_numpy(dtype="float64", na_value=np.nan))),
+        "green_frac": float(np.nanmean(green)),
     }
 
 
@@ -595,7 +613,7 @@ def _vanishing(r: _Run) -> Finding | None:
     factor = median ** (1.0 / (n - 1)) if median > 0 else 0.0
     first_name, last_name = r.names[r.deltas.columns[0]], r.names[r.deltas.columns[-1]]
     acts = _activation_summary(r, steps)
-    grads = _pivot(r.metrics, "param", "grad_norm", steps=steps)
+    grads = r.table("param", "grad_norm", steps=steps)
     evidence: dict[str, Any] = {
         "delta_ratio": median,
         "delta_ratio_first_step": float(ratios.iloc[0]),
@@ -637,7 +655,7 @@ def _exploding(r: _Run) -> Finding | None:
     above = ratios > t.exploding_ratio
     growth = pd.Series(dtype="float64")
     if "total_grad_norm" in r.scalars.columns:
-        norms = r.scalars.set_index("step")["total_grad_norm"].dropna()
+        norms = r.by_step("total_grad_norm").dropna()
         norms = norms[np.isfinite(norms.to_numpy())]
         # Growth against the early steps' median, not the first step's value; and not when
         # those steps vanished: a net that starts with tiny gradients and recovers (Adam
@@ -696,7 +714,7 @@ def _exploding(r: _Run) -> Finding | None:
 
 
 def _dead(r: _Run) -> Finding | None:
-    dead = _pivot(r.metrics, "activation", "dead_frac")
+    dead = r.table("activation", "dead_frac")
     if dead.empty:
         return None
     median = dead.median()
@@ -734,14 +752,14 @@ def _dead(r: _Run) -> Finding | None:
 
 
 def _saturated(r: _Run) -> Finding | None:
-    sat = _pivot(r.metrics, "activation", "saturated_frac").dropna(axis=1, how="all")
+    sat = r.table("activation", "saturated_frac").dropna(axis=1, how="all")
     if sat.empty:
         return None
     median = sat.median()
     bad = [lid for lid in median.index if median[lid] > r.t.saturated_frac]
     if not bad:
         return None
-    green = _pivot(r.metrics, "activation", "green_frac")
+    green = r.table("activation", "green_frac")
     worst = max(bad, key=lambda lid: median[lid])
     over = (sat[bad] > r.t.saturated_frac).any(axis=1)
     steps = over.index[over]
@@ -771,7 +789,7 @@ def _plateau(r: _Run) -> Finding | None:
     t = r.t
     if "loss" not in r.scalars.columns:
         return None
-    loss = r.scalars.set_index("step")["loss"].dropna()
+    loss = r.by_step("loss").dropna()
     loss = loss[np.isfinite(loss.to_numpy())]
     if len(loss) < t.plateau_min_steps:
         return None
@@ -821,7 +839,7 @@ def _plateau(r: _Run) -> Finding | None:
 
 def _updates(r: _Run) -> list[Finding]:
     t = r.t
-    upd = _pivot(r.metrics, "param", "update_ratio")
+    upd = r.table("param", "update_ratio")
     if upd.empty:
         return []
     upd = upd.replace([np.inf], np.nan)
