@@ -1346,7 +1346,10 @@ def watch(
             and training goes on. ``gradwatch ui`` in its own process does the same.
         weight_samples: record the values of this many fixed, randomly chosen
             elements of each layer's weight at every logged step: the seeds' "plots of
-            weights against epochs" (``RunStore.weight_samples``). 0 turns it off.
+            weights against epochs" (``RunStore.weight_samples``). They are drawn inside
+            the block of 4096 contiguous elements that the update ratio reads
+            (:func:`gradwatch.stats.weight_block`; the whole weight when smaller), so
+            both come from one copy. 0 turns it off.
         warn: warn (:class:`~gradwatch.errors.GradientWarning`, once per kind per run)
             when a logged step shows non-finite, vanishing or exploding gradients, by
             :func:`gradwatch.diagnose.live_check`'s thresholds, pointing to ``gradwatch show``.
