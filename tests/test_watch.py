@@ -646,3 +646,33 @@ def test_weight_samples_follow_the_same_elements(store):
     assert gradwatch.watch(mlp(), store=store, weight_samples=0).detach() is None
     with pytest.raises(ConfigError, match="weight_samples=-1"):
         gradwatch.watch(mlp(), store=store, weight_samples=-1)
+
+
+def test_the_sampled_weight_path_reads_what_the_one_buffer_path_reads(store, monkeypatch):
+    """Sharded or multi-device weights take per-weight samples (no shared buffer): the same
+    block elements, so update ratios and tracked weights equal the one-buffer path's."""
+    from gradwatch.watch import Watcher
+
+    results = []
+    for sampled in (False, True):
+        if sampled:
+            def weight_stats(self, record):
+                record.weight_norms = self._norms(self._chosen_params)
+                self._sampled_weight_stats(record, self._chosen_params)
+
+            monkeypatch.setattr(Watcher, "_weight_stats", weight_stats)
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(100, 100), nn.Tanh(), nn.Linear(100, 10))  # 10,000 > 4096
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        x, y = torch.randn(32, 100), torch.randint(0, 10, (32,))
+        with gradwatch.watch(model, opt, every=1, store=store, warn=False) as w:
+            for _ in range(3):
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+        results.append((store.metrics(w.run_id), store.weight_samples(w.run_id)))
+    (m1, s1), (m2, s2) = results
+    assert m1["update_ratio"].notna().sum() == 6
+    np.testing.assert_allclose(m2["update_ratio"], m1["update_ratio"], rtol=1e-6)
+    assert s2["index"].tolist() == s1["index"].tolist() and len(s1) == 3 * 2 * 8
+    np.testing.assert_allclose(s2["value"], s1["value"], rtol=0, atol=0)

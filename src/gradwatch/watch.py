@@ -61,7 +61,6 @@ from gradwatch.alerts import Action, Alert, resolve_alerts
 from gradwatch.errors import ConfigError, GradientWarning, TrainingStopped, WatchError
 from gradwatch.stats import (
     ACTIVATION_STATS,
-    UPDATE_SAMPLE,
     activation_inputs,
     batched_region_stats,
     input_quantiles,
@@ -630,8 +629,8 @@ class Watcher:
         if not weights:
             return
         record.weight_norms = self._norms(weights)
-        if any(_is_dtensor(w) for w in weights):
-            self._sharded_weight_stats(record, weights)
+        if any(_is_dtensor(w) for w in weights) or len({w.device for w in weights}) > 1:
+            self._sampled_weight_stats(record, weights)  # sharded, or model parallel
             return
         blocks = self._blocks
         if blocks is None or blocks.device != weights[0].device or blocks.dtype != weights[0].dtype:
@@ -667,13 +666,16 @@ class Watcher:
             self._tracked_index[lid] = [start + q for q in where]
         return spec
 
-    def _sharded_weight_stats(self, record: _Step, weights: list[Tensor]) -> None:
-        """The sharded (DTensor) path: samples of the full tensors, gathered across ranks."""
+    def _sampled_weight_stats(self, record: _Step, weights: list[Tensor]) -> None:
+        """Weights that one buffer cannot hold: sharded (DTensor; samples of the full tensors,
+        gathered across ranks) or on several devices (each sample on its weight's device).
+        """
         indices = []
         for i, w in zip(self._chosen, weights, strict=True):
-            key = ("weight", i, w.numel(), w.device)
-            if key not in self._samples:
-                self._samples[key] = sample_index(w.numel(), UPDATE_SAMPLE, w.device, seed=i)
+            key = ("block", i, w.numel(), w.device)
+            if key not in self._samples:  # the elements of weight_block, as the one-buffer path reads
+                start, length = weight_block(w.numel(), i)
+                self._samples[key] = torch.arange(start, start + length, device=w.device)
             indices.append(self._samples[key])
         record.snapshot = (indices, _take(weights, indices))
         if self._weight_samples:
@@ -681,8 +683,11 @@ class Watcher:
             spans = self._spans(weights)
             device = weights[0].device
             picked = [weights[k] for _, k, _ in spec]
-            where = [torch.tensor([spans[k][0] + q for q in pos], device=device) for _, k, pos in spec]
-            record.tracked = torch.cat(_take(picked, where)) if picked else None
+            where = [
+                torch.tensor([spans[k][0] + q for q in pos], device=weights[k].device) for _, k, pos in spec
+            ]
+            taken = _take(picked, where)
+            record.tracked = torch.cat([t.to(device) for t in taken]) if taken else None
 
     def _on_optimizer_pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         record = self._current()
