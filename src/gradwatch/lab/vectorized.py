@@ -56,6 +56,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -109,7 +110,7 @@ _DELTA, _MEAN, _STD, _SATURATED = (_METRIC_INDEX[m] for m in ("delta_rms", "outp
                                                              "saturated_frac"))
 _GRAD, _WEIGHT, _UPDATE, _GRAD_MAX, _GRAD_MIN = (
     _METRIC_INDEX[m] for m in ("grad_norm", "weight_norm", "update_ratio", "grad_norm_max", "grad_norm_min"))
-_ACTIVATION_SLOTS = tuple(_METRIC_INDEX[m] for m in ACTIVATION_STATS + _QUANTILE_METRICS)
+_ACTIVATION_SLOTS = [_METRIC_INDEX[m] for m in ACTIVATION_STATS + _QUANTILE_METRICS]
 
 
 def vectorize_reason(entry: GridEntry) -> str | None:
@@ -491,6 +492,20 @@ def _combine(values: Sequence[float]) -> float | None:
     return math.sqrt(sum(v * v for v in values)) if values else None
 
 
+def _group_norms(values: np.ndarray, groups: Sequence[Sequence[int]]) -> np.ndarray:
+    """:func:`_combine` of each group of columns of (K, n) float64 ``values``: (K, len(groups)).
+
+    The squares are added in the group's order from 0, as Python's ``sum`` adds them.
+    """
+    if all(len(group) == 1 for group in groups):  # the lab's layers: one weight each
+        return np.sqrt(values[:, [group[0] for group in groups]] ** 2)
+    out = np.zeros((values.shape[0], len(groups)))
+    for j, group in enumerate(groups):
+        for i in group:
+            out[:, j] += values[:, i] ** 2
+    return np.sqrt(out)
+
+
 class _Window:
     """Per-seed running extremes of the gradient norms since the last logged step.
 
@@ -534,9 +549,10 @@ class _Recorder:
         self.window: _Window | None = None
         self.chosen = sorted({i for layer in net.layers for i in layer.params})
         self.position = {i: j for j, i in enumerate(self.chosen)}  # parameter index -> slot in chosen
-        # (layer id, its parameter indices, their slots in chosen) of each parameterised layer
-        self.param_layers = [(lid, layer.params, [self.position[i] for i in layer.params])
-                             for lid, layer in enumerate(net.layers) if layer.kind == "param"]
+        # the parameterised layers' ids, and per layer its parameter indices and their slots in chosen
+        param_layers = [(lid, layer) for lid, layer in enumerate(net.layers) if layer.kind == "param"]
+        self.param_table = ([lid for lid, _ in param_layers], [layer.params for _, layer in param_layers],
+                            [[self.position[i] for i in layer.params] for _, layer in param_layers])
         self.run_ids: list[int] = []
         parameters = sum(p[0].numel() for p in net.params.values())
         optimizer_name = type(optimizer).__name__
@@ -646,26 +662,30 @@ class _Recorder:
     # -- one logged step's rows ------------------------------------------------------------------
 
     def _write_logged(self, step: int, pending: dict[str, Any]) -> None:
-        """Bring a logged step's values to the host (one list per tensor) and queue each run's rows."""
+        """Bring a logged step's values to the host and queue each run's rows.
+
+        Each seed's layer rows are one (layers x LAYER_METRICS) array, as the watcher
+        writes them (:meth:`RunStore.add_layer_array`): float64 arithmetic on the float32
+        statistics, the same IEEE operations in the same order as Python floats, so the
+        stored numbers are the same bits.
+        """
         tap: _Tap = pending["tap"]
         window: _Window = pending["window"]
-        host = {name: pending[name].tolist() for name in ("norms", "weight_norms", "update", "sampled")}
-        host["applied"] = pending["totals"].tolist()  # the norm the optimizer applied: the lab does not clip
-        host["max"], host["min"] = window.max.tolist(), window.min.tolist()
-        host["totals"] = torch.stack([window.total_max, window.total_min, window.bad_max], 1).tolist()
-        host["moments"] = {lid: m.tolist() for lid, m in tap.moments.items()}
-        host["deltas"] = {lid: d.tolist() for lid, d in tap.delta_sq.items()}
-        host["tracked"] = [(lid, values.tolist()) for lid, values in pending["tracked"]]
-        host["acts"] = self._activation_rows(tap)
+        table, present = self._layer_table(pending, tap, window)
+        written = np.flatnonzero(present.any(axis=(0, 2)))
+        table, present = table[:, written], present[:, written]
+        grads = pending["norms"].tolist()
+        applied = pending["totals"].tolist()  # the norm the optimizer applied: the lab does not clip
+        totals = torch.stack([window.total_max, window.total_min, window.bad_max], 1).tolist()
+        tracked = [(lid, values.tolist()) for lid, values in pending["tracked"]]
         now = time.time()
         for k, run_id in enumerate(self.run_ids):
-            rows = self._layer_rows(k, host, tap.counts)
-            t_max, t_min, bad_max = host["totals"][k]
-            grad = host["norms"][k]
+            t_max, t_min, bad_max = totals[k]
+            grad = grads[k]
             scalars: list[tuple[int, str, float | None]] = [
                 (step, "total_grad_norm", _combine(grad)),
                 (step, "nonfinite_grads", float(sum(not math.isfinite(g) for g in grad))),
-                (step, "clipped_grad_norm", host["applied"][k]),
+                (step, "clipped_grad_norm", applied[k]),
                 (step, "total_grad_norm_max", t_max),
                 (step, "total_grad_norm_min", t_min),
                 (step, "nonfinite_grads_max", bad_max),
@@ -674,57 +694,56 @@ class _Recorder:
             if pending["lr"] is not None:
                 scalars.append((step, "lr", pending["lr"]))
             scalars.append((step, "wall_time", now))
-            self.store.add_layer_metrics(run_id, ((step, lid, vals) for lid, vals in rows.items()))
+            self.store.add_layer_array(run_id, step, written, table[k], present[k])
             self.store.add_weight_samples(run_id, [
                 (step, lid, element, values[k][j])
-                for lid, values in host["tracked"]
+                for lid, values in tracked
                 for j, element in enumerate(self.tracked_index[lid])
             ])
             self.store.add_scalars(run_id, scalars)
 
-    def _layer_rows(self, k: int, host: dict[str, Any], counts: dict[int, int]
-                    ) -> dict[int, list[float | None]]:
-        """Seed ``k``'s per-layer values of a logged step, in the order of LAYER_METRICS.
+    def _layer_table(self, pending: dict[str, Any], tap: _Tap, window: _Window
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """Every seed's per-layer values of a logged step: (K, layers, LAYER_METRICS) values and presence."""
+        k, n_layers = self.k, len(self.net.layers)
+        table = np.full((k, n_layers, len(LAYER_METRICS)), np.nan)
+        present = np.zeros(table.shape, dtype=bool)
 
-        Layers come in the order their first value does (deltas, outputs, activations,
-        then the parameters' norms), each row filled in place: this runs K times per
-        logged step, so it does one lookup per layer rather than one per value.
-        """
-        rows: dict[int, list[float | None]] = {}
-        width = len(LAYER_METRICS)
+        def put(lids: Sequence[int] | np.ndarray, slot: int, values: np.ndarray) -> None:
+            table[:, lids, slot] = values
+            present[:, lids, slot] = True
 
-        def row(lid: int) -> list[float | None]:
-            values = rows.get(lid)
-            if values is None:
-                values = rows[lid] = [None] * width
-            return values
+        def host(tensor: Tensor) -> np.ndarray:  # float32 -> float64 is exact
+            return tensor.numpy().astype(np.float64)
 
-        for lid, sq in host["deltas"].items():
-            row(lid)[_DELTA] = math.sqrt(sq[k] / counts[lid])
-        for lid, moments in host["moments"].items():
-            values = row(lid)
-            values[_MEAN], values[_STD] = moments_from_sums(moments[k][0], moments[k][1] ** 2, counts[lid])
-        for lid, stats in host["acts"][k].items():
-            values = row(lid)
-            for slot, value in zip(_ACTIVATION_SLOTS, stats, strict=True):
-                values[slot] = value
-            if math.isnan(values[_SATURATED]):  # "not applicable" (no flat tails), not a non-finite value
-                values[_SATURATED] = None
-        grad, weight, gmax, gmin = host["norms"][k], host["weight_norms"][k], host["max"][k], host["min"][k]
-        update, sampled = host["update"][k], host["sampled"][k]
-        for lid, params, slots in self.param_layers:
-            values = row(lid)
-            values[_GRAD] = _combine([grad[i] for i in params])
-            values[_WEIGHT] = _combine([weight[j] for j in slots])
-            du = _combine([update[j] for j in slots])
-            ws = _combine([sampled[j] for j in slots])
-            values[_UPDATE] = du / ws if ws else math.inf
-            values[_GRAD_MAX] = _combine([gmax[i] for i in params])
-            values[_GRAD_MIN] = _combine([gmin[i] for i in params])
-        return rows
+        if tap.delta_sq:  # delta_rms = sqrt(||dL/d output||^2 / elements)
+            lids = list(tap.delta_sq)
+            squares = host(torch.stack([tap.delta_sq[lid] for lid in lids], 1))
+            counts = np.array([tap.counts[lid] for lid in lids], dtype=np.float64)
+            put(lids, _DELTA, np.sqrt(squares / counts))
+        for lid, sums in tap.moments.items():
+            for seed, (total, norm) in enumerate(sums.tolist()):
+                table[seed, lid, [_MEAN, _STD]] = moments_from_sums(total, norm**2, tap.counts[lid])
+            present[:, lid, [_MEAN, _STD]] = True
+        seeds, lids, stats = self._activation_stats(tap)
+        if len(lids):
+            table[seeds[:, None], lids[:, None], _ACTIVATION_SLOTS] = stats
+            present[seeds[:, None], lids[:, None], _ACTIVATION_SLOTS] = True
+            # NaN saturated_frac means "not applicable" here (no flat tails), not a non-finite value
+            present[seeds, lids, _SATURATED] = ~np.isnan(stats[:, _ACTIVATION_SLOTS.index(_SATURATED)])
+        lids, params, slots = self.param_table
+        put(lids, _GRAD, _group_norms(host(pending["norms"]), params))
+        put(lids, _WEIGHT, _group_norms(host(pending["weight_norms"]), slots))
+        moved = _group_norms(host(pending["update"]), slots)
+        before = _group_norms(host(pending["sampled"]), slots)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            put(lids, _UPDATE, np.where(before != 0, moved / np.where(before != 0, before, 1.0), math.inf))
+        put(lids, _GRAD_MAX, _group_norms(host(window.max), params))
+        put(lids, _GRAD_MIN, _group_norms(host(window.min), params))
+        return table, present
 
-    def _activation_rows(self, tap: _Tap) -> list[dict[int, list[float]]]:
-        """Per seed, layer id -> ACTIVATION_STATS then the input quantiles (one batch per kind)."""
+    def _activation_stats(self, tap: _Tap) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(seeds, layer ids, ACTIVATION_STATS then the input quantiles): one batch per activation kind."""
         groups: dict[tuple, list[tuple[int, int, tuple[Tensor, Tensor, bool]]]] = defaultdict(list)
         layers = self.net.layers
         for lid, per_seed in tap.kept:
@@ -732,17 +751,20 @@ class _Recorder:
             assert activation is not None
             key = (activation.name, tuple(sorted(activation.params.items())))
             groups[key].extend((k, lid, kept) for k, kept in enumerate(per_seed))
-        out: list[dict[int, list[float]]] = [{} for _ in range(self.k)]
+        seeds: list[int] = []
+        lids: list[int] = []
+        rows: list[Tensor] = []
         with torch.no_grad():
             for members in groups.values():
                 activation = layers[members[0][1]].activation
                 assert activation is not None
                 kept = [kept for _, _, kept in members]
-                stats = torch.cat([batched_region_stats(kept, activation),
-                                   input_quantiles([k[0] for k in kept])], 1).tolist()
-                for (k, lid, _), row in zip(members, stats, strict=True):
-                    out[k][lid] = row
-        return out
+                rows.append(torch.cat([batched_region_stats(kept, activation),
+                                       input_quantiles([k[0] for k in kept])], 1))
+                seeds += [k for k, _, _ in members]
+                lids += [lid for _, lid, _ in members]
+        stats = torch.cat(rows).numpy().astype(np.float64) if rows else np.zeros((0, len(_ACTIVATION_SLOTS)))
+        return np.array(seeds, dtype=np.int64), np.array(lids, dtype=np.int64), stats
 
     # -- the end ---------------------------------------------------------------------------------
 
