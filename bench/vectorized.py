@@ -14,12 +14,17 @@ layers) and stores exactly what K ``run_task`` calls store. This measures what t
   Reported: the median over rounds of (sequential seconds / vectorized seconds), its min
   and max, and the median seconds of each; the same ratio of the process's CPU seconds
   too, which a loaded machine disturbs less than wall time (the process works alone in
-  both variants: one torch thread, and the store's writer thread).
+  both variants: one torch thread, and the store's writer thread). The seconds spent in
+  ``diagnose`` are timed inside each variant, and the ratio without them is reported from
+  the same rounds (``ratio_without_diagnosis``).
 - **steps** (``--steps N``, 0 to skip): the bare training step of the same K models, no
   telemetry: K eager steps one after another; ``torch.func.vmap`` over
   ``torch.func.functional_call`` of the stacked parameters (then one backward and one
   optimizer step on the stacked leaves); and the batched step ``run_group`` uses. Median
-  milliseconds per step of all K seeds; the reason the batched layers are used, not vmap.
+  milliseconds per step of all K seeds, for each configuration; the reason the batched
+  layers are used, not vmap, and the bound on the whole run's ratio: the runs' remaining
+  seconds (data, model, recording, evaluation, store) are reported as ``other_s`` beside
+  ``training_steps_s`` (steps per run x median step) and ``diagnose_s``.
 - **lab** (``--lab``): ``run_lab`` of a preset (default ``seed``) on the local process pool,
   ``vectorize=False`` then ``vectorize=True``, once each: the whole lab's seconds.
 
@@ -71,24 +76,49 @@ def _load() -> float:
     return os.getloadavg()[0]
 
 
-def _time_sequential(entry: GridEntry, seeds: int, store: Path) -> tuple[float, float]:
-    """Wall and CPU seconds of ``seeds`` run_task calls one after another."""
+class _DiagnoseTimer:
+    """``runner._diagnoser`` replaced: the same ``diagnose``, its seconds added up."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.enabled = True
+
+    def __call__(self):  # what runner._diagnoser returns: the diagnose function, or None
+        return self._timed if self.enabled else None
+
+    def _timed(self, *args: Any, **kwargs: Any) -> Any:
+        from gradwatch.diagnose import diagnose
+
+        start = time.perf_counter()
+        try:
+            return diagnose(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
+_TIMER = _DiagnoseTimer()
+
+
+def _time_sequential(entry: GridEntry, seeds: int, store: Path) -> tuple[float, float, float]:
+    """Wall, CPU and diagnose seconds of ``seeds`` run_task calls one after another."""
+    _TIMER.seconds = 0.0
     wall, cpu = time.perf_counter(), time.process_time()
     for seed in range(seeds):
         result = run_task(RunTask("bench", entry, seed, "digits", str(store)))
         if result.status != "finished":
             raise RuntimeError(f"sequential run failed: {result.error}")
-    return time.perf_counter() - wall, time.process_time() - cpu
+    return time.perf_counter() - wall, time.process_time() - cpu, _TIMER.seconds
 
 
-def _time_vectorized(entry: GridEntry, seeds: int, store: Path) -> tuple[float, float]:
-    """Wall and CPU seconds of one run_group of the same tasks."""
+def _time_vectorized(entry: GridEntry, seeds: int, store: Path) -> tuple[float, float, float]:
+    """Wall, CPU and diagnose seconds of one run_group of the same tasks."""
+    _TIMER.seconds = 0.0
     wall, cpu = time.perf_counter(), time.process_time()
     tasks = tuple(RunTask("bench", entry, s, "digits", str(store)) for s in range(seeds))
     result = run_group(SeedGroup(tasks))
     if result.status != "finished":
         raise RuntimeError(f"vectorized group failed: {result.error}")
-    return time.perf_counter() - wall, time.process_time() - cpu
+    return time.perf_counter() - wall, time.process_time() - cpu, _TIMER.seconds
 
 
 def bench_runs(entry: GridEntry, seeds: int, repeats: int) -> dict[str, Any]:
@@ -100,29 +130,63 @@ def bench_runs(entry: GridEntry, seeds: int, repeats: int) -> dict[str, Any]:
         for r in range(repeats):
             before = _load()
             order = ("sequential", "vectorized") if r % 2 == 0 else ("vectorized", "sequential")
-            seconds, cpu = {}, {}
+            seconds, cpu, diagnosis = {}, {}, {}
             for variant in order:
                 store = Path(tmp) / f"{variant}-{r}.db"
                 timer = _time_sequential if variant == "sequential" else _time_vectorized
-                seconds[variant], cpu[variant] = timer(entry, seeds, store)
+                seconds[variant], cpu[variant], diagnosis[variant] = timer(entry, seeds, store)
+            training = {v: seconds[v] - diagnosis[v] for v in seconds}
             rounds.append({**seconds, "sequential_cpu": cpu["sequential"],
                            "vectorized_cpu": cpu["vectorized"],
+                           "sequential_diagnose": diagnosis["sequential"],
+                           "vectorized_diagnose": diagnosis["vectorized"],
                            "ratio": seconds["sequential"] / seconds["vectorized"],
                            "cpu_ratio": cpu["sequential"] / cpu["vectorized"],
+                           "ratio_without_diagnosis": training["sequential"] / training["vectorized"],
                            "load_before": before, "load_after": _load()})
             print(f"  round {r + 1}: sequential {seconds['sequential']:.2f} s "
-                  f"({cpu['sequential']:.2f} s CPU), "
-                  f"vectorized {seconds['vectorized']:.2f} s ({cpu['vectorized']:.2f} s CPU), ratio "
-                  f"{rounds[-1]['ratio']:.2f} (CPU {rounds[-1]['cpu_ratio']:.2f}; load {before:.1f} -> "
+                  f"({cpu['sequential']:.2f} s CPU, diagnose {diagnosis['sequential']:.2f} s), "
+                  f"vectorized {seconds['vectorized']:.2f} s ({cpu['vectorized']:.2f} s CPU, diagnose "
+                  f"{diagnosis['vectorized']:.2f} s), ratio {rounds[-1]['ratio']:.2f} "
+                  f"(CPU {rounds[-1]['cpu_ratio']:.2f}, without diagnosis "
+                  f"{rounds[-1]['ratio_without_diagnosis']:.2f}; load {before:.1f} -> "
                   f"{rounds[-1]['load_after']:.1f})", flush=True)
     ratios = [r["ratio"] for r in rounds]
     return {
         "median_ratio": statistics.median(ratios), "min_ratio": min(ratios), "max_ratio": max(ratios),
         "median_cpu_ratio": statistics.median(r["cpu_ratio"] for r in rounds),
+        "median_ratio_without_diagnosis": statistics.median(r["ratio_without_diagnosis"] for r in rounds),
         "median_sequential_s": statistics.median(r["sequential"] for r in rounds),
         "median_vectorized_s": statistics.median(r["vectorized"] for r in rounds),
+        "median_sequential_diagnose_s": statistics.median(r["sequential_diagnose"] for r in rounds),
+        "median_vectorized_diagnose_s": statistics.median(r["vectorized_diagnose"] for r in rounds),
         "rounds": rounds,
     }
+
+
+def _steps_per_run(entry: GridEntry) -> int:
+    """Optimizer steps of one run: epochs x batches of the digits training split."""
+    n = len(_dataset("digits", 0, None).x_train)
+    return entry.train.epochs * -(-n // entry.train.batch_size)
+
+
+def breakdown(runs: dict[str, Any], steps: dict[str, float], entry: GridEntry) -> dict[str, Any]:
+    """What the median run of each variant spends its seconds on.
+
+    ``training_steps_s``: the bare steps (the steps benchmark's median step times the
+    steps of the K runs); ``diagnose_s``: timed inside the runs; ``other_s``: the rest
+    (data split, models, the recorded telemetry, per-epoch evaluation, store rows).
+    """
+    n = _steps_per_run(entry)
+    out: dict[str, Any] = {"steps_per_run": n}
+    for variant, key in (("sequential", "eager_one_by_one_ms"), ("vectorized", "batched_ms")):
+        step_ms = steps[key]
+        total = runs[f"median_{variant}_s"]
+        diagnosis = runs[f"median_{variant}_diagnose_s"]
+        training = n * step_ms / 1e3
+        out[variant] = {"total_s": total, "training_steps_s": training, "diagnose_s": diagnosis,
+                        "other_s": total - training - diagnosis}
+    return out
 
 
 def bench_steps(entry: GridEntry, seeds: int, steps: int) -> dict[str, float]:
@@ -202,7 +266,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="seed")
     parser.add_argument("--configs", default="depth/sigmoid-d10-default",
-                        help="comma-separated config keys of the preset; the first one also gets --steps")
+                        help="comma-separated config keys of the preset (each also gets --steps)")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (a lab worker uses 1)")
@@ -214,8 +278,8 @@ def main() -> None:
                         help="leave out the per-run diagnosis in both variants (not with --lab)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.training_only:
-        runner._diagnoser = lambda: None  # run_task's and run_group's _diagnose then store no findings
+    _TIMER.enabled = not args.training_only  # off: run_task's and run_group's _diagnose store no findings
+    runner._diagnoser = _TIMER
     report: dict[str, Any] = {
         "preset": args.preset, "seeds": args.seeds, "threads": args.threads, "repeats": args.repeats,
         "training_only": args.training_only,
@@ -229,18 +293,25 @@ def main() -> None:
               f"batch {entry.train.batch_size}, every {entry.train.every}), {args.threads} thread(s)",
               flush=True)
         runs = bench_runs(entry, args.seeds, args.repeats)
-        report["configs"].append({"config": key, "label": entry.label, "runs": runs})
+        result: dict[str, Any] = {"config": key, "label": entry.label, "runs": runs}
         print(f"runs: vectorized / sequential throughput {runs['median_ratio']:.2f}x (median of "
               f"{args.repeats}; min {runs['min_ratio']:.2f}, max {runs['max_ratio']:.2f}; CPU time "
-              f"{runs['median_cpu_ratio']:.2f}x); {runs['median_sequential_s']:.1f} s -> "
-              f"{runs['median_vectorized_s']:.1f} s", flush=True)
-    if args.steps:
-        steps = report["steps"] = {"config": keys[0], **bench_steps(_entry(args.preset, keys[0]), args.seeds,
-                                                                    args.steps)}
-        print(f"steps of {keys[0]} (ms for all {args.seeds} seeds): eager one by one "
-              f"{steps['eager_one_by_one_ms']:.2f}, vmap(functional_call) "
-              f"{steps['vmap_functional_call_ms']:.2f} ({steps['vmap_speedup']:.2f}x), batched "
-              f"{steps['batched_ms']:.2f} ({steps['batched_speedup']:.2f}x)", flush=True)
+              f"{runs['median_cpu_ratio']:.2f}x; without diagnosis "
+              f"{runs['median_ratio_without_diagnosis']:.2f}x); "
+              f"{runs['median_sequential_s']:.2f} s -> {runs['median_vectorized_s']:.2f} s", flush=True)
+        if args.steps:
+            steps = result["steps"] = bench_steps(entry, args.seeds, args.steps)
+            print(f"steps (ms for all {args.seeds} seeds): eager one by one "
+                  f"{steps['eager_one_by_one_ms']:.2f}, vmap(functional_call) "
+                  f"{steps['vmap_functional_call_ms']:.2f} ({steps['vmap_speedup']:.2f}x), batched "
+                  f"{steps['batched_ms']:.2f} ({steps['batched_speedup']:.2f}x)", flush=True)
+            parts = result["breakdown"] = breakdown(runs, steps, entry)
+            for variant in ("sequential", "vectorized"):
+                b = parts[variant]
+                print(f"  {variant}: {b['total_s']:.2f} s = training steps {b['training_steps_s']:.2f} + "
+                      f"diagnose {b['diagnose_s']:.2f} + other {b['other_s']:.2f} (data, models, telemetry, "
+                      f"evaluation, store)", flush=True)
+        report["configs"].append(result)
     if args.lab:
         lab = report["lab"] = bench_lab(args.lab_preset, args.workers)
         print(f"lab {args.lab_preset} on {args.workers} workers: {lab['sequential_s']:.1f} s -> "
