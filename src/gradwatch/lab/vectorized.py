@@ -24,13 +24,18 @@ batched Linear here is bitwise the per-seed one, so K vectorized runs store the
 numbers K sequential runs store, not merely close ones.
 
 Measured (``bench/results/vectorized.json``, 2 cores shared with other jobs, load
-average 1-4): a group of 5 seeds finishes 2.1-2.8x faster than the 5 runs one after
-another (median of 5 rounds for each of four configurations; 2.0-3.7x leaving out
-the per-run ``diagnose``, 0.15-0.3 s that every run still pays, at load 4-10); the
-whole ``seed`` lab (3 seeds, 2 workers) 1.7x faster (118 s -> 69 s; 1.1-1.4x at
-load 6-10). The target was 3x for 5 seeds: the per-run costs outside training
-(diagnosis, store rows) and the deep configurations' matrix products, which
-batching does not shrink, hold it below that.
+average 2.8-3.4, median of 5 interleaved rounds): a group of 5 seeds finishes 2.1-3.0x
+faster than the 5 runs one after another (depth-10 sigmoid 2.14x, depth 2 3.03x,
+depth 20 with batch norm 2.19x, narrow depth-10 ReLU 2.83x; 2.2-3.6x leaving out
+``diagnose``, 25-40 ms a run in both variants). The target was 3x. Two things hold
+it below that. The 5 seeds' bare training step is only 2.0-4.2x faster batched (same
+benchmark): batching shares the per-op overhead, not the matrix products and
+elementwise work of the deeper configurations. And the rest of a run (telemetry of
+the logged steps, evaluation, data, store rows) shrinks less: for the depth-10
+group 0.76 s against 1.26 s for the 5 runs (1.7x; 2.0x with batch norm), beside
+0.62 s of training steps (1.95 s) and 0.19 s of diagnosis (0.15 s). The whole
+``seed`` lab (3 seeds, 2 workers) was 1.7x faster in an earlier measurement
+(118 s -> 69 s).
 
 What is recorded mirrors :class:`gradwatch.watch.Watcher` with the lab's settings
 (``every`` from the config, activation sample 2048, 8 tracked weights, the
