@@ -447,6 +447,61 @@ def steps_for(variant: Variant, steps: int) -> int:
     return steps
 
 
+def _fresh(variant: Variant, spec: ModelSpec, seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = spec.build()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    if variant.compiled:
+        model = torch.compile(model)
+    return model, opt
+
+
+def time_pair(
+    variant: Variant, baseline: Variant, spec: ModelSpec, steps: int, warmup: int, tmp: Path, seed: int
+) -> tuple[float, float, float, float]:
+    """One variant against its baseline, **step by step**: two copies of the model (same seed, same
+    batch), one watched by the variant, whose training steps alternate (A B, B A, A B, ...), each
+    timed on its own. Both copies see the same moment of a shared machine, so the ratio of their
+    summed step times is far steadier than that of two runs one after the other.
+
+    Returns seconds per step: variant wall, baseline wall, variant CPU, baseline CPU (process
+    time, all threads).
+    """
+    if variant.compiled:
+        torch._dynamo.reset()  # fresh models per round: stay under dynamo's recompile limit
+        warmup = max(warmup, COMPILED_WARMUP)
+    base_model, base_opt = _fresh(baseline, spec, seed)
+    model, opt = _fresh(variant, spec, seed)
+    handle = variant.attach(model, opt, tmp) if variant.attach else None
+    batch = spec.batch(torch.Generator().manual_seed(seed))
+    log = getattr(handle, "log", None)
+    wall = [0.0, 0.0]
+    cpu = [0.0, 0.0]
+    runs = [(model, opt, log), (base_model, base_opt, None)]
+    try:
+        for i in range(warmup + steps):
+            for k in ((0, 1) if i % 2 == 0 else (1, 0)):
+                m, o, lg = runs[k]
+                t, c = time.perf_counter(), time.process_time()
+                o.zero_grad()
+                loss = spec.loss(m, batch)
+                loss.backward()
+                o.step()
+                if lg is not None:
+                    lg(loss=loss)
+                if i >= warmup:
+                    wall[k] += time.perf_counter() - t
+                    cpu[k] += time.process_time() - c
+        if hasattr(handle, "flush"):
+            t, c = time.perf_counter(), time.process_time()
+            handle.flush()  # the cost of writing is part of the cost
+            wall[0] += time.perf_counter() - t
+            cpu[0] += time.process_time() - c
+    finally:
+        _detach(handle)
+    return wall[0] / steps, wall[1] / steps, cpu[0] / steps, cpu[1] / steps
+
+
 def _error_text(err: BaseException) -> str:
     lines = traceback.format_exception_only(type(err), err)
     text = "".join(lines).strip()
@@ -454,9 +509,19 @@ def _error_text(err: BaseException) -> str:
 
 
 def bench_model(
-    model_name: str, variants: list[Variant], repeats: int, steps: int, warmup: int, tmp: Path
+    model_name: str,
+    variants: list[Variant],
+    repeats: int,
+    steps: int,
+    warmup: int,
+    tmp: Path,
+    paired: bool = True,
 ) -> list[dict[str, Any]]:
-    """Interleaved rounds of every variant on one model; one result row per variant."""
+    """Rounds of every variant on one model; one result row per variant.
+
+    ``paired``: each variant against its baseline step by step (:func:`time_pair`); else each
+    variant's steps in a block of its own, the variants in a rotating order (:func:`time_variant`).
+    """
     spec = MODELS[model_name]
     status: dict[str, str] = {}
     errors: dict[str, str] = {}
@@ -474,22 +539,37 @@ def bench_model(
         this_cpu: dict[str, float] = {}
         for v in order:
             try:
-                this_round[v.key], this_cpu[v.key] = time_variant(
-                    v, spec, steps_for(v, steps), warmup, tmp, seed=r
-                )
+                if paired and v.attach is not None:
+                    baseline = next(b for b in VARIANTS if b.key == v.baseline)
+                    this_round[v.key], base_wall, this_cpu[v.key], base_cpu = time_pair(
+                        v, baseline, spec, steps_for(v, steps), warmup, tmp, seed=r
+                    )
+                    # the baseline row: its steps beside the first variant paired with it
+                    this_round.setdefault(baseline.key, base_wall)
+                    this_cpu.setdefault(baseline.key, base_cpu)
+                    this_round[f"{v.key}@base"], this_cpu[f"{v.key}@base"] = base_wall, base_cpu
+                elif paired:
+                    continue  # a baseline: timed beside each variant
+                else:
+                    this_round[v.key], this_cpu[v.key] = time_variant(
+                        v, spec, steps_for(v, steps), warmup, tmp, seed=r
+                    )
             except Exception as err:  # noqa: BLE001 - a failing variant is a result, not a crash
                 status[v.key] = "failed"
                 errors[v.key] = _error_text(err)
                 print(f"  {model_name} / {v.key} failed: {errors[v.key].splitlines()[-1][:300]}", flush=True)
         for key, t in this_round.items():
+            if key.endswith("@base"):
+                continue
             times[key].append(t)
-            baseline = next(v for v in variants if v.key == key).baseline
-            if baseline in this_round:
-                ratios[key].append(t / this_round[baseline])
-                cpu_ratios[key].append(this_cpu[key] / this_cpu[baseline])
+            baseline = next(v for v in VARIANTS if v.key == key).baseline
+            base = f"{key}@base" if f"{key}@base" in this_round else baseline
+            if base in this_round:
+                ratios[key].append(t / this_round[base])
+                cpu_ratios[key].append(this_cpu[key] / this_cpu[base])
         print(
             f"{model_name} round {r + 1}/{repeats}: "
-            + ", ".join(f"{k} {t * 1e3:.1f} ms" for k, t in this_round.items()),
+            + ", ".join(f"{k} {t * 1e3:.1f} ms" for k, t in this_round.items() if not k.endswith("@base")),
             flush=True,
         )
     rows = []
@@ -578,6 +658,12 @@ def main() -> None:
         "--warmup", type=int, default=5, help=f"untimed steps first (at least {COMPILED_WARMUP} compiled)"
     )
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--unpaired",
+        action="store_true",
+        help="time each variant in a block of its own steps (rotating order) instead of step by step "
+        "beside a copy of its baseline",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory of the JSON results")
     args = parser.parse_args()
     models = _csv(args.models, list(MODELS), "model")
@@ -599,10 +685,13 @@ def main() -> None:
                 if missing:
                     print(f"{model_name}: skipped, {missing} not installed (pip install -e '.[bench]')")
                     continue
-                rows = bench_model(model_name, variants, args.repeats, args.steps, args.warmup, Path(d))
+                rows = bench_model(
+                    model_name, variants, args.repeats, args.steps, args.warmup, Path(d), not args.unpaired
+                )
+                how = "rotating blocks" if args.unpaired else "each variant step by step beside its baseline"
                 head = (
-                    f"{model_name}: {spec.description}; {args.repeats} interleaved rounds x {args.steps} "
-                    f"steps, {args.threads} threads, torch {torch.__version__}"
+                    f"{model_name}: {spec.description}; {args.repeats} rounds x {args.steps} steps "
+                    f"({how}), {args.threads} threads, torch {torch.__version__}"
                 )
                 tables.append(f"{head}\n\n{markdown_table(rows)}")
                 out = args.out / f"overhead-{model_name}-{args.threads}threads.json"
@@ -615,6 +704,7 @@ def main() -> None:
                             "steps": args.steps,
                             "warmup": args.warmup,
                             "threads": args.threads,
+                            "paired": not args.unpaired,
                             "torch": torch.__version__,
                             "versions": _versions(),
                             "machine": platform.platform(),

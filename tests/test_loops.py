@@ -98,7 +98,7 @@ def test_skipped_scaler_steps_are_recorded_as_skipped(store):
     model = mlp(depth=2)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
-    with gradwatch.watch(model, opt, every=1, store=store, scaler=scaler) as w:
+    with gradwatch.watch(model, opt, every=1, store=store, scaler=scaler, window=True) as w:
         for step, (x, y) in enumerate(batches(5)):
             opt.zero_grad()
             loss = nn.functional.cross_entropy(model(x), y)
@@ -209,7 +209,7 @@ def test_a_spike_between_logged_steps_is_in_the_window(store):
     model = mlp(depth=3)
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
     totals, per_layer = [], []
-    with gradwatch.watch(model, opt, every=5, store=store) as w:
+    with gradwatch.watch(model, opt, every=5, store=store, window=True) as w:
         for step, (x, y) in enumerate(batches(11)):
             opt.zero_grad()
             loss = nn.functional.cross_entropy(model(x), y) * (1000.0 if step == 3 else 1.0)
@@ -229,6 +229,29 @@ def test_a_spike_between_logged_steps_is_in_the_window(store):
     for name in per_layer[0]:
         assert rel(at5.loc[name, "grad_norm_max"], max(n[name] for n in per_layer[1:6])) < 1e-6
         assert rel(at5.loc[name, "grad_norm_min"], min(n[name] for n in per_layer[1:6])) < 1e-6
+
+
+def test_window_default_is_off_on_the_cpu_and_on_for_a_stop_rule(store):
+    """window=None: no per-step norms for CPU parameters (2-5% of a small model's step), unless a
+    non-finite rule must see every step."""
+    model = mlp(depth=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradwatch.watch(model, opt, every=3, store=store) as w:
+        for x, y in batches(4):
+            opt.zero_grad()
+            out = model(x)
+            assert out._backward_hooks is None or w._record.logged  # no hook on unlogged outputs
+            nn.functional.cross_entropy(out, y).backward()
+            opt.step()
+        assert "total_grad_norm_max" not in w.scalars().columns
+    with gradwatch.watch(model, opt, every=3, store=store, alerts={"nonfinite": "stop"}) as w:
+        for x, y in batches(4):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        assert w.scalars().set_index("step").window_steps[3] == 3
+    with pytest.raises(ConfigError, match="window='yes'"):
+        gradwatch.watch(model, store=store, window="yes")
 
 
 def test_window_off_does_no_work_on_unlogged_steps(store):

@@ -7,10 +7,12 @@ A rule maps a *kind* of alert to an *action*::
 Kinds (judged by :class:`gradwatch.diagnose.Thresholds`, as :func:`gradwatch.diagnose.live_check`):
 
 * ``"nonfinite"``: a parameter's gradient holds inf or NaN. Checked on **every** step
-  (the per-step gradient norms of the windowed extremes), at the end of its backward
-  pass when the gradients live on the CPU (no cost), else when the next logged step
-  reaches the host (no device sync on unlogged steps). Not raised for a step that a
-  ``GradScaler`` skips: overflow there is the scaler's normal business.
+  when the window is on (the per-step gradient norms of the windowed extremes), at the
+  end of its backward pass when the gradients live on the CPU (no cost), else when the
+  next logged step reaches the host (no device sync on unlogged steps); with the window
+  off, on logged steps. ``"stop"`` or a callback turns the window on (``watch(window=None)``,
+  the default). Not raised for a step that a ``GradScaler`` skips: overflow there is the
+  scaler's normal business.
 * ``"vanishing"``: the first parameterised layer's ``delta_rms`` is below
   ``vanishing_ratio`` of the last one's (logged steps).
 * ``"exploding"``: that ratio is above ``exploding_ratio`` (logged steps).

@@ -204,8 +204,10 @@ def run_task(
         order = torch.Generator().manual_seed(task.seed)
         loss_fn = torch.nn.functional.cross_entropy
         with RunStore(task.store) as store:
+            # window=True: the lab records every step's gradient-norm extremes on the CPU too
+            # (its runs are small; lab.vectorized records the same)
             with watch(model, optimizer, every=train.every, store=store, run_name=task.run_name,
-                       config=task.config(), warn=False) as watcher:
+                       config=task.config(), warn=False, window=True) as watcher:
                 run_id = watcher.run_id
                 for epoch in range(1, train.epochs + 1):
                     model.train()
