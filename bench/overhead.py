@@ -23,8 +23,8 @@ Variants (``--variants``, keys as below; ``unwatched`` always runs):
   step (the floor for per-layer norms); ``naive``: a forward hook and a tensor hook on every
   parameterised module (RMS of dL/d output) plus those norms (the naive floor for deltas);
 - ``every``: gradwatch every step with every metric; ``default``: gradwatch at its default cadence
-  (timed over whole logging periods: see :func:`steps_for`); ``default-nowindow``: the same with
-  ``window=False`` (no gradient norms on unlogged steps);
+  (timed over whole logging periods: see :func:`steps_for`); ``default-window``: the same with
+  ``window=True`` (every step's gradient norms; the CPU default is off);
 - ``wandb-gradients``, ``wandb-all``: ``wandb.watch(model, log="gradients"|"all", log_freq=1)`` in
   offline mode (``WANDB_MODE=offline``, ``WANDB_DIR`` a temporary directory) and ``wandb.log`` of
   the loss every step;
@@ -345,7 +345,7 @@ VARIANTS = [
     Variant("every", "gradwatch every step", _gradwatch(1)),
     Variant("default", f"gradwatch default (every {DEFAULT_EVERY})", _gradwatch(None)),
     Variant(
-        "default-nowindow", f"gradwatch every {DEFAULT_EVERY}, window=False", _gradwatch(None, window=False)
+        "default-window", f"gradwatch every {DEFAULT_EVERY}, window=True", _gradwatch(None, window=True)
     ),
     Variant(
         "wandb-gradients",
@@ -442,7 +442,7 @@ def steps_for(variant: Variant, steps: int) -> int:
     rows time the real mix of logged and unlogged steps (fewer steps would time only
     unlogged ones, or one logged step in too few).
     """
-    if variant.key in ("default", "default-nowindow", "compiled-default"):
+    if variant.key in ("default", "default-window", "compiled-default"):
         return max(1, math.ceil(steps / DEFAULT_EVERY)) * DEFAULT_EVERY
     return steps
 
