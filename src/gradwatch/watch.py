@@ -847,8 +847,13 @@ class Watcher:
         gather = _Gather()
         planned = [(record, self._plan(record, gather)) for record in records]
         host = gather.to_host()
-        for record, plan in planned:
-            self._write_record(record, plan, host)
+        scalars: list[tuple[int, str, float | None]] = []  # of every record: one queue item
+        checks = [self._write_record(record, plan, host, scalars) for record, plan in planned]
+        if scalars:
+            self.store.add_scalars(self.run_id, scalars)
+        for check in checks:  # after every row is queued: a "stop" loses nothing
+            if check is not None:
+                self._check_alerts(*check)
 
     def _plan(self, record: _Step, gather: _Gather) -> dict[str, Any]:
         """What of a closed step goes to the host: a handle per tensor (see :class:`_Gather`)."""
@@ -914,9 +919,14 @@ class Watcher:
             self._layout = (self._next_layer_id, table[:, 0], table[:, 1], table[:, 2])
         return self._layout[1:]
 
-    def _write_record(self, record: _Step, plan: dict[str, Any], host: _Host) -> None:
+    def _write_record(
+        self, record: _Step, plan: dict[str, Any], host: _Host, scalars: list[tuple[int, str, float | None]]
+    ) -> tuple[_Step, dict[int, float], dict[int, int]] | None:
+        """Queue a record's layer rows and tracked weights; add its scalars to ``scalars``.
+
+        Returns what :meth:`_check_alerts` judges for a logged step (None otherwise).
+        """
         step = record.step
-        scalars: list[tuple[int, str, float | None]] = []
         for name, (at, floats, count) in plan["values"].items():
             total = sum(floats) + (float(host[at].sum()) if at is not None else 0.0)
             scalars.append((step, name, total / count))
@@ -926,8 +936,7 @@ class Watcher:
         if record.skipped:
             scalars.append((step, "skipped_step", 1.0))
         if not record.logged or record.skipped:
-            self.store.add_scalars(self.run_id, scalars)
-            return
+            return None
         unscale = 1.0 / (scale * scale) if scale else 1.0  # deltas were taken on the scaled loss
 
         n_params = len(self._params)
@@ -1032,10 +1041,9 @@ class Watcher:
                     rows.append((step, lid, element, values[k]))
                     k += 1
             self.store.add_weight_samples(self.run_id, rows)
-        self.store.add_scalars(self.run_id, scalars)
         deltas = table[:, _METRIC_INDEX["delta_rms"]]
         has_delta = present[:, _METRIC_INDEX["delta_rms"]]
-        self._check_alerts(record, {lid: float(deltas[lid]) for lid in np.flatnonzero(has_delta)}, first_bad)
+        return record, {int(lid): float(deltas[lid]) for lid in np.flatnonzero(has_delta)}, first_bad
 
     # -- alerts ------------------------------------------------------------------
 
