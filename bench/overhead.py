@@ -400,6 +400,18 @@ def _detach(handle: object) -> None:
         handle.remove()
 
 
+def train_step(
+    spec: ModelSpec, model: nn.Module, opt: torch.optim.Optimizer, batch: tuple, log: Callable | None
+) -> None:
+    """One timed training step: zero_grad, forward and loss, backward, optimizer step, the log call."""
+    opt.zero_grad()
+    loss = spec.loss(model, batch)
+    loss.backward()
+    opt.step()
+    if log is not None:
+        log(loss=loss)
+
+
 def time_variant(
     variant: Variant, spec: ModelSpec, steps: int, warmup: int, tmp: Path, seed: int
 ) -> tuple[float, float]:
@@ -421,12 +433,7 @@ def time_variant(
         for i in range(warmup + steps):
             if i == warmup:
                 start, start_cpu = time.perf_counter(), time.process_time()
-            opt.zero_grad()
-            loss = spec.loss(model, batch)
-            loss.backward()
-            opt.step()
-            if log is not None:
-                log(loss=loss)
+            train_step(spec, model, opt, batch, log)
         if hasattr(handle, "flush"):
             handle.flush()  # the cost of writing is part of the cost
         elapsed, cpu = time.perf_counter() - start, time.process_time() - start_cpu
@@ -483,12 +490,7 @@ def time_pair(
             for k in ((0, 1) if i % 2 == 0 else (1, 0)):
                 m, o, lg = runs[k]
                 t, c = time.perf_counter(), time.process_time()
-                o.zero_grad()
-                loss = spec.loss(m, batch)
-                loss.backward()
-                o.step()
-                if lg is not None:
-                    lg(loss=loss)
+                train_step(spec, m, o, batch, lg)
                 if i >= warmup:
                     wall[k] += time.perf_counter() - t
                     cpu[k] += time.process_time() - c

@@ -1307,13 +1307,6 @@ def _stack(norms: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
         return torch.stack([n.to(device) for n in norms]).float()
 
 
-def _combine_norms(norms: Iterable[float]) -> float | None:
-    values = list(norms)
-    if not values:
-        return None
-    return math.sqrt(sum(v * v for v in values))
-
-
 def watch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
