@@ -361,7 +361,13 @@ class LocalBackend:
             for f in pending:
                 f.cancel()
             self._wind_down(pool, pending, futures, events, notify)
-            pool.shutdown(wait=False, cancel_futures=True)
+            try:
+                # Join the pool's manager thread now (its workers have stopped or were ended): left
+                # running, CPython 3.11's exit hook races it on a closing wake-up pipe and prints
+                # "OSError: [Errno 9] Bad file descriptor" after our clean stop.
+                pool.shutdown(wait=True, cancel_futures=True)
+            except KeyboardInterrupt:  # a further Ctrl-C: do not wait
+                pass
             raise
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
