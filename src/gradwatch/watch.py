@@ -687,15 +687,16 @@ class Watcher:
             indices.append(self._samples[key])
         record.snapshot = (indices, _take(weights, indices))
         if self._weight_samples:
-            spec = self._tracked_spec(weights)
-            spans = self._spans(weights)
-            device = weights[0].device
-            picked = [weights[k] for _, k, _ in spec]
-            where = [
-                torch.tensor([spans[k][0] + q for q in pos], device=weights[k].device) for _, k, pos in spec
-            ]
-            taken = _take(picked, where)
-            record.tracked = torch.cat([t.to(device) for t in taken]) if taken else None
+            key = ("tracked", tuple(w.device for w in weights))
+            if key not in self._samples:  # (k, flat element indices) per layer, built once per placement
+                spans = self._spans(weights)
+                self._samples[key] = [
+                    (k, torch.tensor([spans[k][0] + q for q in pos], device=weights[k].device))
+                    for _, k, pos in self._tracked_spec(weights)
+                ]
+            tracked = self._samples[key]
+            taken = _take([weights[k] for k, _ in tracked], [where for _, where in tracked])
+            record.tracked = torch.cat([t.to(weights[0].device) for t in taken]) if taken else None
 
     def _on_optimizer_pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         record = self._current()
