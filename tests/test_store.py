@@ -232,3 +232,29 @@ def test_version_2_store_gains_the_v3_metric_columns(store_path):
     conn = sqlite3.connect(store_path)
     assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "3"
     conn.close()
+
+
+def test_opening_retries_when_another_process_is_switching_the_file_to_wal(store_path, monkeypatch):
+    # Two processes opening a fresh store race for the exclusive lock that the switch to WAL
+    # takes; SQLite answers the loser "database is locked" at once, without a busy wait (seen
+    # in CI as a writer that died on open). The open must retry, not fail.
+    import gradwatch.store as store_module
+
+    failures = {"left": 2}
+
+    class Contended(sqlite3.Connection):
+        def execute(self, sql, *args):
+            if "journal_mode" in sql and failures["left"]:
+                failures["left"] -= 1
+                raise sqlite3.OperationalError("database is locked")
+            return super().execute(sql, *args)
+
+    def connect(path):
+        return sqlite3.connect(path, isolation_level=None, check_same_thread=False, factory=Contended)
+
+    monkeypatch.setattr(store_module, "_connect", connect)
+    s = RunStore(store_path)
+    assert failures["left"] == 0
+    s.create_run("after-contention")
+    assert s.runs().name.tolist() == ["after-contention"]
+    s.close()

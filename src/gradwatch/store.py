@@ -321,7 +321,11 @@ class RunStore:
     def _open(self) -> sqlite3.Connection:
         try:
             conn = _connect(self.path)
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            # Switching a fresh file to WAL takes an exclusive lock, and SQLite answers "database
+            # is locked" at once (no busy handler) when another process is opening it too.
+            mode = _retry(
+                lambda: conn.execute("PRAGMA journal_mode = WAL").fetchone()[0], "opening the store"
+            )
             conn.execute("PRAGMA synchronous = NORMAL")
             if mode.lower() != "wal":  # e.g. a read-only directory cannot hold the -wal file
                 conn.close()
