@@ -230,7 +230,49 @@ def test_version_2_store_gains_the_v3_metric_columns(store_path):
         s.flush()
         assert s.metrics(run)["grad_norm_max"].tolist() == [2.5]
     conn = sqlite3.connect(store_path)
-    assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "3"
+    assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(
+        SCHEMA_VERSION
+    )
+    conn.close()
+
+
+def test_version_3_store_keeps_its_weight_samples_rekeyed_by_step(store_path):
+    with RunStore(store_path) as s:
+        run = s.create_run("v3")
+        s.add_layers(run, [(0, "fc", "Linear", "param", None), (1, "out", "Linear", "param", None)])
+        rows = [
+            (step, lid, idx, step + lid / 10 + idx / 100)
+            for step in range(3)
+            for lid in (0, 1)
+            for idx in (4, 9)
+        ]
+        s.add_weight_samples(run, rows)
+        s.flush()
+        before = s.weight_samples(run)
+    conn = sqlite3.connect(store_path)  # what a v3 store looked like: keyed by element, then step
+    conn.executescript(
+        "DROP TABLE weight_samples;"
+        "CREATE TABLE weight_samples (run_id INTEGER NOT NULL, step INTEGER NOT NULL, layer_id INTEGER "
+        "NOT NULL, idx INTEGER NOT NULL, value REAL, PRIMARY KEY (run_id, layer_id, idx, step)) WITHOUT ROWID;"
+        "UPDATE meta SET value = '3' WHERE key = 'schema_version';"
+    )
+    conn.executemany(
+        "INSERT INTO weight_samples VALUES (?, ?, ?, ?, ?)",
+        [(run, st, lid, idx, v) for st, lid, idx, v in rows],
+    )
+    conn.commit()
+    conn.close()
+    with RunStore(store_path) as s:
+        after = s.weight_samples(run)
+        s.add_weight_samples(run, [(3, 0, 4, 7.5)])
+        s.flush()
+        assert len(s.weight_samples(run)) == len(rows) + 1
+    assert len(before) == len(rows) == 12
+    assert after.equals(before)
+    conn = sqlite3.connect(store_path)
+    key = sorted((r[5], r[1]) for r in conn.execute("PRAGMA table_info(weight_samples)") if r[5])
+    assert [name for _, name in key] == ["run_id", "step", "layer_id", "idx"]
+    assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "4"
     conn.close()
 
 

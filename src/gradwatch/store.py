@@ -54,7 +54,8 @@ __all__ = [
     "STORE_ENV",
 ]
 
-SCHEMA_VERSION = 3  # 2: weight_samples; 3: windowed grad-norm extremes, activation input quantiles
+SCHEMA_VERSION = 4  # 2: weight_samples; 3: windowed grad-norm extremes, activation input quantiles;
+# 4: weight_samples keyed by step first (a step's rows are appended, not spread over the file)
 STORE_ENV = "GRADWATCH_STORE"
 DEFAULT_STORE = Path("gradwatch-runs") / "gradwatch.db"
 
@@ -78,6 +79,18 @@ LAYER_METRICS = (
     "input_q50",
     "input_q85",
 )
+
+# Keyed by step before layer and element: the rows of one step go to the end of the table, so
+# a commit writes a page or two (keyed by element first, v2-3, a step's rows landed on as many
+# pages as there are tracked weights, each written whole to the WAL at every commit).
+_WEIGHT_SAMPLES = """CREATE TABLE IF NOT EXISTS {table} (
+    run_id INTEGER NOT NULL,
+    step INTEGER NOT NULL,
+    layer_id INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    value REAL,
+    PRIMARY KEY (run_id, step, layer_id, idx)
+) WITHOUT ROWID;"""
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -118,14 +131,7 @@ CREATE TABLE IF NOT EXISTS scalars (
     value REAL,
     PRIMARY KEY (run_id, name, step)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS weight_samples (
-    run_id INTEGER NOT NULL,
-    step INTEGER NOT NULL,
-    layer_id INTEGER NOT NULL,
-    idx INTEGER NOT NULL,
-    value REAL,
-    PRIMARY KEY (run_id, layer_id, idx, step)
-) WITHOUT ROWID;
+{_WEIGHT_SAMPLES.format(table="weight_samples")}
 CREATE TABLE IF NOT EXISTS findings (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     run_id INTEGER NOT NULL,
@@ -145,6 +151,11 @@ CREATE INDEX IF NOT EXISTS findings_run ON findings(run_id);
 _BUSY_TIMEOUT_S = 60.0
 _BATCH_ITEMS = 256
 _QUEUE_ITEMS = 1024
+# A commit takes what arrives within this long of its first item. A commit writes each page
+# it touched to the WAL once, whatever the number of rows on it, so one commit per step
+# (every=1) wrote the end page of every tracked weight's and scalar's series at every step.
+_COMMIT_EVERY_S = 0.2
+_FLUSH = object()  # queued by flush(): commit what came before it now
 
 
 def default_store_path() -> Path:
@@ -209,7 +220,9 @@ def _clean(value: float | None) -> float | None:
 
 
 class _Writer:
-    """One background thread committing queued ``(sql, rows)`` items in batches."""
+    """One background thread committing queued ``(sql, rows)`` items in batches: a batch holds what
+    arrives within ``_COMMIT_EVERY_S`` of its first item (or up to a flush), at most ``_BATCH_ITEMS``.
+    """
 
     def __init__(self, path: Path) -> None:
         self._path = path
@@ -231,6 +244,8 @@ class _Writer:
             self._queue.put((sql, rows))  # blocks when full: back-pressure
 
     def flush(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(_FLUSH)
         self._queue.join()
         self._raise_if_failed()
 
@@ -253,13 +268,15 @@ class _Writer:
             while True:
                 item = self._queue.get()
                 batch = [item]
-                while item is not None and len(batch) < _BATCH_ITEMS:
+                deadline = time.monotonic() + _COMMIT_EVERY_S
+                while item is not None and item is not _FLUSH and len(batch) < _BATCH_ITEMS:
+                    wait = deadline - time.monotonic()
                     try:
-                        item = self._queue.get_nowait()
+                        item = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
                     except queue.Empty:
                         break
                     batch.append(item)
-                work = [b for b in batch if b is not None]
+                work = [b for b in batch if b is not None and b is not _FLUSH]
                 if work and self._error is None:
                     try:
                         _retry(functools.partial(self._commit, conn, work), "a batched write")
@@ -365,13 +382,39 @@ class RunStore:
                 f"{SCHEMA_VERSION}; upgrade gradwatch to read it"
             )
         if version < SCHEMA_VERSION:
-            # 1 -> 2 added the weight_samples table, which the schema script has just created;
-            # 2 -> 3 added metric columns to layer_metrics.
-            have = {row[1] for row in conn.execute("PRAGMA table_info(layer_metrics)")}
-            for metric in LAYER_METRICS:
-                if metric not in have:
-                    conn.execute(f"ALTER TABLE layer_metrics ADD COLUMN {metric} REAL")
-            conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+            _retry(lambda: conn.execute("BEGIN IMMEDIATE"), "upgrading the store's schema")
+            try:
+                self._upgrade(conn)  # idempotent: another process may have upgraded it meanwhile
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    @staticmethod
+    def _upgrade(conn: sqlite3.Connection) -> None:
+        """Bring an older schema to :data:`SCHEMA_VERSION`, in the caller's transaction.
+
+        1 -> 2 added the weight_samples table, which the schema script has just created;
+        2 -> 3 added metric columns to layer_metrics; 3 -> 4 re-keyed weight_samples by step.
+        """
+        have = {row[1] for row in conn.execute("PRAGMA table_info(layer_metrics)")}
+        for metric in LAYER_METRICS:
+            if metric not in have:
+                conn.execute(f"ALTER TABLE layer_metrics ADD COLUMN {metric} REAL")
+        key = [
+            row[1]
+            for row in sorted(conn.execute("PRAGMA table_info(weight_samples)"), key=lambda r: r[5])
+            if row[5]
+        ]
+        if key != ["run_id", "step", "layer_id", "idx"]:
+            conn.execute(_WEIGHT_SAMPLES.format(table="weight_samples_v4"))
+            conn.execute(
+                "INSERT INTO weight_samples_v4(run_id, step, layer_id, idx, value) "
+                "SELECT run_id, step, layer_id, idx, value FROM weight_samples"
+            )
+            conn.execute("DROP TABLE weight_samples")
+            conn.execute("ALTER TABLE weight_samples_v4 RENAME TO weight_samples")
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
 
     # -- writing ---------------------------------------------------------------
 
