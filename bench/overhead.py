@@ -1,8 +1,9 @@
 """Step-time overhead of watching, measured side by side against the tools people use today.
 
-Each round times every variant on its own fresh copy of the same model (same seed, same
-batch), in an order that rotates from round to round (interleaved), so slow drifts of a
-shared machine hit all variants alike. Reported per model: the median over rounds of
+Each round times every variant step by step beside a fresh copy of its baseline (same seed,
+same batch; steps alternate A B, B A, ...), so both see the same moment of a shared machine;
+``--unpaired`` times each variant in a block of its own steps instead, in an order that
+rotates from round to round. Reported per model: the median over rounds of
 (variant step time / baseline step time) with its min and max, and the median step time.
 The baseline is the unwatched eager model, or the unwatched compiled model for the
 compiled rows. A step is ``zero_grad``, forward, loss, backward, ``optimizer.step()`` and the
@@ -22,7 +23,13 @@ Variants (``--variants``, keys as below; ``unwatched`` always runs):
 - ``unwatched``; ``foreach``: one ``torch._foreach_norm`` of all gradients and one transfer per
   step (the floor for per-layer norms); ``naive``: a forward hook and a tensor hook on every
   parameterised module (RMS of dL/d output) plus those norms (the naive floor for deltas);
-- ``every``: gradwatch every step with every metric; ``default``: gradwatch at its default cadence
+- ``every``: gradwatch every step with every metric; ``part-*``: what each part of it costs, each
+  row an every-step watcher timed step by step against the same watcher with that part off
+  (``part-activations``: activation statistics; ``part-samples``: tracked weights;
+  ``part-outputs``: the per-layer output hooks, delta_rms and output moments; ``part-store``:
+  writing the rows; ``part-params``: the parameter-level metrics that remain, against
+  unwatched); the "extra ms per step" column adds up to ``every``'s;
+- ``default``: gradwatch at its default cadence
   (timed over whole logging periods: see :func:`steps_for`); ``default-window``: the same with
   ``window=True`` (every step's gradient norms; the CPU default is off);
 - ``wandb-gradients``, ``wandb-all``: ``wandb.watch(model, log="gradients"|"all", log_freq=1)`` in
@@ -324,25 +331,72 @@ class Variant:
     attach: Attach | None
     requires: tuple[str, ...] = ()
     compiled: bool = False
+    against: str | None = None  # the baseline variant, if not the unwatched (compiled) model
+    listed: bool = True  # False: only a baseline of another row
 
     @property
     def baseline(self) -> str:
+        if self.against is not None:
+            return self.against
         return "compiled" if self.compiled else "unwatched"
 
 
-def _gradwatch(every: int | None, **options: Any) -> Attach:
+def _gradwatch(every: int | None, then: Callable[[object], None] | None = None, **options: Any) -> Attach:
     def attach(model: nn.Module, opt: torch.optim.Optimizer, tmp: Path) -> object:
         kwargs = {} if every is None else {"every": every}
-        return gradwatch.watch(model, opt, store=tmp / "gradwatch.db", **kwargs, **options)
+        watcher = gradwatch.watch(model, opt, store=tmp / "gradwatch.db", **kwargs, **options)
+        if then is not None:
+            then(watcher)
+        return watcher
 
     return attach
 
+
+def _lighter(*, outputs: bool = True, store: bool = True) -> Callable[[object], None]:
+    """Switch parts of an every-step watcher off, for the breakdown rows (what each part costs).
+
+    ``outputs=False``: no per-layer forward hooks (no delta_rms, output moments or activation
+    statistics; the parameter-level metrics stay). ``store=False``: the rows are built but
+    not written. Both go through the Watcher's own seams, as a test double would.
+    """
+
+    def lighten(watcher: object) -> None:
+        if not outputs:
+            watcher._make_param_hook = lambda layer: (lambda *args: None)
+            watcher._make_activation_hook = lambda layer: (lambda *args: None)
+        if not store:
+            for name in ("add_layer_array", "add_scalars", "add_weight_samples"):
+                setattr(watcher.store, name, lambda *args, **kwargs: None)
+
+    return lighten
+
+
+_LEAN_A = {"activation_stats": False}
+_LEAN_B = {"activation_stats": False, "weight_samples": 0}
+_EVERY_C = _gradwatch(1, then=_lighter(outputs=False), **_LEAN_B)
+_EVERY_D = _gradwatch(1, then=_lighter(outputs=False, store=False), **_LEAN_B)
 
 VARIANTS = [
     Variant("unwatched", "unwatched", None),
     Variant("foreach", "torch._foreach_norm floor", lambda m, o, tmp: _ForeachFloor(m, o)),
     Variant("naive", "naive delta floor (hooks + norms)", lambda m, o, tmp: _NaiveDeltaFloor(m, o)),
     Variant("every", "gradwatch every step", _gradwatch(1)),
+    # The breakdown of "every step": each row is a watcher timed step by step against the same
+    # watcher with one more part switched off (an unlisted variant, below), so its extra
+    # milliseconds are what that part costs; the last row is what remains against unwatched.
+    Variant("part-activations", "  of which activation statistics", _gradwatch(1), against="every-a"),
+    Variant("part-samples", "  of which tracked weights", _gradwatch(1, **_LEAN_A), against="every-b"),
+    Variant(
+        "part-outputs", "  of which output hooks (delta_rms, output moments)", _gradwatch(1, **_LEAN_B),
+        against="every-c",
+    ),
+    Variant("part-store", "  of which writing the rows", _EVERY_C, against="every-d"),
+    Variant("part-params", "  of which parameter-level metrics (norms, update ratios)", _EVERY_D),
+    Variant("every-a", "every step, no activation statistics", _gradwatch(1, **_LEAN_A), listed=False),
+    Variant("every-b", "every step, no activation statistics or tracked weights", _gradwatch(1, **_LEAN_B),
+            listed=False),
+    Variant("every-c", "every step, parameter-level metrics only", _EVERY_C, listed=False),
+    Variant("every-d", "every step, parameter-level metrics, rows not written", _EVERY_D, listed=False),
     Variant("default", f"gradwatch default (every {DEFAULT_EVERY})", _gradwatch(None)),
     Variant(
         "default-window", f"gradwatch every {DEFAULT_EVERY}, window=True", _gradwatch(None, window=True)
@@ -377,7 +431,7 @@ VARIANTS = [
     ),
     Variant("compiled-every", "torch.compile + gradwatch every step", _gradwatch(1), compiled=True),
 ]
-VARIANT_KEYS = [v.key for v in VARIANTS]
+VARIANT_KEYS = [v.key for v in VARIANTS if v.listed]
 
 
 def missing_requirement(requires: tuple[str, ...]) -> str | None:
@@ -480,11 +534,15 @@ def time_pair(
     base_model, base_opt = _fresh(baseline, spec, seed)
     model, opt = _fresh(variant, spec, seed)
     handle = variant.attach(model, opt, tmp) if variant.attach else None
+    # a watched baseline (the breakdown rows), in a store of its own
+    base_handle = None
+    if baseline.attach is not None:
+        base_handle = baseline.attach(base_model, base_opt, Path(tempfile.mkdtemp(dir=tmp)))
     batch = spec.batch(torch.Generator().manual_seed(seed))
     log = getattr(handle, "log", None)
     wall = [0.0, 0.0]
     cpu = [0.0, 0.0]
-    runs = [(model, opt, log), (base_model, base_opt, None)]
+    runs = [(model, opt, log), (base_model, base_opt, getattr(base_handle, "log", None))]
     try:
         for i in range(warmup + steps):
             for k in ((0, 1) if i % 2 == 0 else (1, 0)):
@@ -494,13 +552,15 @@ def time_pair(
                 if i >= warmup:
                     wall[k] += time.perf_counter() - t
                     cpu[k] += time.process_time() - c
-        if hasattr(handle, "flush"):
-            t, c = time.perf_counter(), time.process_time()
-            handle.flush()  # the cost of writing is part of the cost
-            wall[0] += time.perf_counter() - t
-            cpu[0] += time.process_time() - c
+        for k, h in ((0, handle), (1, base_handle)):
+            if hasattr(h, "flush"):
+                t, c = time.perf_counter(), time.process_time()
+                h.flush()  # the cost of writing is part of the cost
+                wall[k] += time.perf_counter() - t
+                cpu[k] += time.process_time() - c
     finally:
         _detach(handle)
+        _detach(base_handle)
     return wall[0] / steps, wall[1] / steps, cpu[0] / steps, cpu[1] / steps
 
 
@@ -534,6 +594,7 @@ def bench_model(
     times: dict[str, list[float]] = {v.key: [] for v in variants}
     ratios: dict[str, list[float]] = {v.key: [] for v in variants}
     cpu_ratios: dict[str, list[float]] = {v.key: [] for v in variants}
+    extra_ms: dict[str, list[float]] = {v.key: [] for v in variants}
     for r in range(repeats):
         live = [v for v in runnable if status[v.key] == "ok"]
         order = live[r % len(live) :] + live[: r % len(live)]
@@ -546,9 +607,9 @@ def bench_model(
                     this_round[v.key], base_wall, this_cpu[v.key], base_cpu = time_pair(
                         v, baseline, spec, steps_for(v, steps), warmup, tmp, seed=r
                     )
-                    # the baseline row: its steps beside the first variant paired with it
-                    this_round.setdefault(baseline.key, base_wall)
-                    this_cpu.setdefault(baseline.key, base_cpu)
+                    if baseline.key in times:  # the baseline row: its steps beside the first variant
+                        this_round.setdefault(baseline.key, base_wall)
+                        this_cpu.setdefault(baseline.key, base_cpu)
                     this_round[f"{v.key}@base"], this_cpu[f"{v.key}@base"] = base_wall, base_cpu
                 elif paired:
                     continue  # a baseline: timed beside each variant
@@ -569,6 +630,7 @@ def bench_model(
             if base in this_round:
                 ratios[key].append(t / this_round[base])
                 cpu_ratios[key].append(this_cpu[key] / this_cpu[base])
+                extra_ms[key].append((t - this_round[base]) * 1e3)
         print(
             f"{model_name} round {r + 1}/{repeats}: "
             + ", ".join(f"{k} {t * 1e3:.1f} ms" for k, t in this_round.items() if not k.endswith("@base")),
@@ -589,6 +651,7 @@ def bench_model(
                 "min_ratio": min(rs) if rs else None,
                 "max_ratio": max(rs) if rs else None,
                 "median_step_ms": statistics.median(ts) * 1e3 if ts else None,
+                "median_extra_ms": statistics.median(extra_ms[v.key]) if extra_ms[v.key] else None,
                 "median_cpu_ratio": statistics.median(cs) if cs else None,
                 "min_cpu_ratio": min(cs) if cs else None,
                 "max_cpu_ratio": max(cs) if cs else None,
@@ -602,21 +665,22 @@ def bench_model(
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| variant | step (ms) | ratio to baseline, median | min | max | CPU-time ratio, median (min-max) "
-        "| baseline |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | step (ms) | extra ms per step | ratio to baseline, median | min | max "
+        "| CPU-time ratio, median (min-max) | baseline |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         if row["median_ratio"] is None:
             what = row["status"]
             if row["error"]:
                 what += ": " + row["error"].splitlines()[-1][:160].replace("|", "\\|")
-            lines.append(f"| {row['variant']} | - | {what} | | | | |")
+            lines.append(f"| {row['variant']} | - | - | {what} | | | | |")
             continue
         step = f"{row['median_step_ms']:.2f}"
         note = "" if row["status"] == "ok" else f" ({row['status']} after {row['rounds_measured']} rounds)"
         lines.append(
-            f"| {row['variant']} | {step} | {row['median_ratio']:.3f}x{note} | {row['min_ratio']:.3f}x | "
+            f"| {row['variant']} | {step} | {row['median_extra_ms']:+.2f} | {row['median_ratio']:.3f}x{note} "
+            f"| {row['min_ratio']:.3f}x | "
             f"{row['max_ratio']:.3f}x | {row['median_cpu_ratio']:.3f}x ({row['min_cpu_ratio']:.3f}-"
             f"{row['max_cpu_ratio']:.3f}) | {row['baseline']} |"
         )
