@@ -253,7 +253,8 @@ def test_version_3_store_keeps_its_weight_samples_rekeyed_by_step(store_path):
     conn.executescript(
         "DROP TABLE weight_samples;"
         "CREATE TABLE weight_samples (run_id INTEGER NOT NULL, step INTEGER NOT NULL, layer_id INTEGER "
-        "NOT NULL, idx INTEGER NOT NULL, value REAL, PRIMARY KEY (run_id, layer_id, idx, step)) WITHOUT ROWID;"
+        "NOT NULL, idx INTEGER NOT NULL, value REAL, PRIMARY KEY (run_id, layer_id, idx, step)) "
+        "WITHOUT ROWID;"
         "UPDATE meta SET value = '3' WHERE key = 'schema_version';"
     )
     conn.executemany(

@@ -23,19 +23,18 @@ layer, and Adam amplifies that within a few steps (see :class:`_BatchedLinear`);
 batched Linear here is bitwise the per-seed one, so K vectorized runs store the
 numbers K sequential runs store, not merely close ones.
 
-Measured (``bench/results/vectorized.json``, 2 cores shared with other jobs, load
-average 2.8-3.4, median of 5 interleaved rounds): a group of 5 seeds finishes 2.1-3.0x
-faster than the 5 runs one after another (depth-10 sigmoid 2.14x, depth 2 3.03x,
-depth 20 with batch norm 2.19x, narrow depth-10 ReLU 2.83x; 2.2-3.6x leaving out
-``diagnose``, 25-40 ms a run in both variants). The target was 3x. Two things hold
-it below that. The 5 seeds' bare training step is only 2.0-4.2x faster batched (same
-benchmark): batching shares the per-op overhead, not the matrix products and
-elementwise work of the deeper configurations. And the rest of a run (telemetry of
-the logged steps, evaluation, data, store rows) shrinks less: for the depth-10
-group 0.76 s against 1.26 s for the 5 runs (1.7x; 2.0x with batch norm), beside
-0.62 s of training steps (1.95 s) and 0.19 s of diagnosis (0.15 s). The whole
-``seed`` lab (3 seeds, 2 workers) was 1.7x faster in an earlier measurement
-(118 s -> 69 s).
+Measured (``bench/results/vectorized.json``, 2 cores, 1 torch thread, load average
+1.1-1.2, median of 5 interleaved rounds): a group of 5 seeds finishes 2.5-3.0x faster
+than the 5 runs one after another (depth-10 sigmoid 2.95x, depth 2 2.80x, depth 20 with
+batch norm 2.48x, narrow depth-10 ReLU 2.52x; 2.5-3.2x leaving out ``diagnose``, 25-50 ms
+a run in both variants). The target was 3x. Two things hold it below that. The 5 seeds'
+bare training step is only 2.3-3.9x faster batched (same benchmark): batching shares the
+per-op overhead, not the matrix products and elementwise work of the deeper
+configurations. And ``diagnose`` is per run, while the group's telemetry is a fixed
+number of ops per layer: with batch norm the rest of a run (telemetry of the logged
+steps, evaluation, data, store rows) is 1.69 s for the group against 2.99 s for the 5
+runs (1.8x), beside 1.83 s of training steps (6.56 s). The whole ``seed`` lab (3 seeds,
+2 workers) was 1.7x faster in an earlier measurement (118 s -> 69 s).
 
 What is recorded mirrors :class:`gradwatch.watch.Watcher` with the lab's settings
 (``every`` from the config, activation sample 2048, 8 tracked weights, the
