@@ -40,8 +40,9 @@ What is recorded mirrors :class:`gradwatch.watch.Watcher` with the lab's setting
 (``every`` from the config, activation sample 2048, 8 tracked weights, the
 gradient-norm window, no alerts): every stored number of the K runs equals the
 number K sequential ``run_task`` calls store (the tests compare them all, to 1e-5;
-on the CPU they agree bit for bit but the loss values, whose batched mean rounds
-differently, within 3e-7), and only ``config["gradwatch"]["vectorized"]`` tells
+on the CPU the trained weights agree bit for bit, and the stored values round
+differently only where the reductions differ: the loss's batched mean, and the norms,
+which the watcher takes as ``torch.dot`` on the CPU), and only ``config["gradwatch"]["vectorized"]`` tells
 them apart. Statistics go through :mod:`gradwatch.stats` on the same samples as the
 watcher (``sample_index(seed=layer_id)``); only plain reductions (sums and norms)
 are taken for all seeds at once. A change to what the watcher records must be made
