@@ -301,3 +301,26 @@ def test_opening_retries_when_another_process_is_switching_the_file_to_wal(store
     s.create_run("after-contention")
     assert s.runs().name.tolist() == ["after-contention"]
     s.close()
+
+
+def test_writes_arriving_together_commit_as_one_transaction(store, monkeypatch):
+    # At every=1 a commit per step wrote each tracked weight's end page to the WAL at every
+    # step; the writer now gathers what arrives within 0.2 s into one transaction.
+    import gradwatch.store as store_module
+
+    commits = []
+    commit = store_module._Writer._commit
+
+    def counted(conn, work):
+        commits.append(len(work))
+        return commit(conn, work)
+
+    monkeypatch.setattr(store_module._Writer, "_commit", staticmethod(counted))
+    run = store.create_run("batched")
+    for step in range(10):
+        store.add_scalars(run, [(step, "loss", float(step))])
+        time.sleep(0.005)  # steps 5 ms apart: 50 ms in all, inside one 0.2 s gathering
+    store.flush()
+    assert len(store.scalars(run)) == 10
+    assert 1 <= len(commits) <= 3, commits  # one per step (10) before
+    assert sum(commits) == 20  # each add_scalars queues its rows and the run's updated_at

@@ -676,3 +676,52 @@ def test_the_sampled_weight_path_reads_what_the_one_buffer_path_reads(store, mon
     np.testing.assert_allclose(m2["update_ratio"], m1["update_ratio"], rtol=1e-6)
     assert s2["index"].tolist() == s1["index"].tolist() and len(s1) == 3 * 2 * 8
     np.testing.assert_allclose(s2["value"], s1["value"], rtol=0, atol=0)
+
+
+class MixedLayouts(nn.Module):
+    """Outputs of both of _square_sum's paths in one step: contiguous float32 (torch.dot on the
+    CPU), a transposed (non-contiguous) view (the norm kernel, squared on the host), float64."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 12)
+        self.t = TransposedLinear(12, 12)
+        self.d = nn.Linear(12, 4).double()
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        h = torch.tanh(self.t(h).t())  # back to (batch, features)
+        return self.d(h.double()).float()
+
+
+class TransposedLinear(nn.Linear):
+    def forward(self, x):
+        return super().forward(x).t()  # a non-contiguous output, and its gradient
+
+
+def test_output_moments_and_deltas_exact_on_every_layout(store):
+    torch.manual_seed(0)
+    model = MixedLayouts()
+    reference = copy.deepcopy(model)
+    x, y = torch.randn(16, 6), torch.randint(0, 4, (16,))
+    outs = {}
+    handles = [
+        getattr(reference, n).register_forward_hook(lambda m, a, o, n=n: outs.__setitem__(n, o))
+        for n in "atd"
+    ]
+    loss = nn.functional.cross_entropy(reference(x), y)
+    grads = dict(zip("atd", torch.autograd.grad(loss, [outs[n] for n in "atd"]), strict=True))
+    for h in handles:
+        h.remove()
+    assert not outs["t"].is_contiguous() and outs["d"].dtype == torch.float64
+
+    with gradwatch.watch(model, every=1, store=store, warn=False) as w:
+        nn.functional.cross_entropy(model(x), y).backward()
+        at = w.metrics().set_index("layer")
+    for n in "atd":
+        o, g = outs[n].detach().double(), grads[n].double()
+        assert rel(at.loc[n, "output_mean"], o.mean().item()) < 1e-5, n
+        assert rel(at.loc[n, "output_std"], o.std(correction=0).item()) < 1e-5, n
+        assert rel(at.loc[n, "delta_rms"], g.pow(2).mean().sqrt().item()) < 1e-5, n
+        weight_grad = getattr(model, n).weight.grad
+        assert rel(at.loc[n, "grad_norm"], torch.linalg.vector_norm(weight_grad.double()).item()) < 1e-6, n
