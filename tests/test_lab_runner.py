@@ -126,8 +126,12 @@ def test_a_failing_run_is_reported_and_the_grid_goes_on(tmp_path):
 
 # --- Ctrl-C ---------------------------------------------------------------------------------
 
+# Runs of ~1 s each (10 epochs), so that once the first is finished the rest take ~10 s: the
+# Ctrl-C must land while the lab runs even if this test's polling stalls on a loaded machine
+# (with 3 epochs the lab finished ~3 s after its first run, and a CI run once sent the signal
+# too late: the lab had ended normally, rc 0).
 _SIGINT_GRID = {
-    "name": "sigint", "seeds": 1, "train": {"epochs": 3, "every": 10},
+    "name": "sigint", "seeds": 1, "train": {"epochs": 10, "every": 10},
     "grid": [{"name": f"tanh-{i}", "model": {"depth": 12, "activation": "tanh"}} for i in range(8)],
 }
 
@@ -170,7 +174,7 @@ def test_ctrl_c_stops_cleanly_and_keeps_finished_runs(tmp_path):
         assert 1 <= len(finished) < 8
         assert "running" not in set(runs["status"])  # the run in flight stopped at an epoch: failed
         for run_id in finished["id"]:
-            assert store.scalars(run_id)["test_acc"].dropna().size == 3
+            assert store.scalars(run_id)["test_acc"].dropna().size == _SIGINT_GRID["train"]["epochs"]
     spy = SpyBackend()
     resumed = run_lab(str(grid), out=out, backend=spy, epochs=None)
     assert len(spy.asked[0]) == 8 - len(finished) and resumed.resumed == len(finished)
