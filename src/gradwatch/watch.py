@@ -588,9 +588,8 @@ class Watcher:
 
             return global_norms(tensors).float()
         dtype = tensors[0].dtype
-        if tensors[0].device.type == "cpu" and dtype in _ACCUMULATE and all(
-            t.dtype is dtype and t.device.type == "cpu" and t.is_contiguous() for t in tensors
-        ):  # see _square_sum: a dot per tensor beats the CPU's _foreach_norm (a norm per tensor)
+        if all(t.dtype is dtype and _dot_ok(t) for t in tensors):
+            # see _square_sum: a dot per tensor beats the CPU's _foreach_norm (a norm per tensor)
             return torch.stack([torch.dot(v, v) for v in (t.view(-1) for t in tensors)]).float().sqrt_()
         return _stack(torch._foreach_norm(tensors))
 
@@ -1306,6 +1305,11 @@ def _is_dtensor(t: Tensor) -> bool:
     return type(t).__name__ == "DTensor"
 
 
+def _dot_ok(x: Tensor) -> bool:
+    """Whether ``torch.dot`` takes ``x``'s squared norm (see :func:`_square_sum`)."""
+    return x.device.type == "cpu" and x.dtype in _ACCUMULATE and x.is_contiguous()
+
+
 def _square_sum(x: Tensor) -> tuple[Tensor, bool]:
     """``(sum(x**2), True)``, or ``(||x||, False)`` where the host squaring it is cheaper.
 
@@ -1315,7 +1319,7 @@ def _square_sum(x: Tensor) -> tuple[Tensor, bool]:
     Elsewhere the norm kernel (one launch; squaring it is left to the host). Non-finite
     values and overflow come out alike (inf, NaN).
     """
-    if x.device.type == "cpu" and x.dtype in _ACCUMULATE and x.is_contiguous():
+    if _dot_ok(x):
         flat = x.view(-1)
         return torch.dot(flat, flat), True
     if x.dtype in _ACCUMULATE:
