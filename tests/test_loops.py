@@ -236,14 +236,7 @@ def test_window_default_is_off_on_the_cpu_and_on_for_a_stop_rule(store):
     non-finite rule must see every step."""
     model = mlp(depth=2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with gradwatch.watch(model, opt, every=3, store=store) as w:
-        for x, y in batches(4):
-            opt.zero_grad()
-            out = model(x)
-            assert out._backward_hooks is None or w._record.logged  # no hook on unlogged outputs
-            nn.functional.cross_entropy(out, y).backward()
-            opt.step()
-        assert "total_grad_norm_max" not in w.scalars().columns
+    assert "total_grad_norm_max" not in _train_without_window_work(model, opt, store).columns
     with gradwatch.watch(model, opt, every=3, store=store, alerts={"nonfinite": "stop"}) as w:
         for x, y in batches(4):
             opt.zero_grad()
@@ -257,15 +250,19 @@ def test_window_default_is_off_on_the_cpu_and_on_for_a_stop_rule(store):
 def test_window_off_does_no_work_on_unlogged_steps(store):
     model = mlp(depth=2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with gradwatch.watch(model, opt, every=3, store=store, window=False) as w:
+    assert "total_grad_norm_max" not in _train_without_window_work(model, opt, store, window=False).columns
+
+
+def _train_without_window_work(model, opt, store, **options):
+    """4 steps at every=3, asserting that no unlogged step's output gets a hook; the scalars."""
+    with gradwatch.watch(model, opt, every=3, store=store, **options) as w:
         for x, y in batches(4):
             opt.zero_grad()
             out = model(x)
             assert out._backward_hooks is None or w._record.logged  # no hook on unlogged outputs
             nn.functional.cross_entropy(out, y).backward()
             opt.step()
-        s = w.scalars()
-    assert "total_grad_norm_max" not in s.columns
+        return w.scalars()
 
 
 # -- alerts ---------------------------------------------------------------------------
