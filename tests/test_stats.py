@@ -131,3 +131,20 @@ def test_batched_stats_equal_one_by_one(name):
     torch.testing.assert_close(
         batched_region_stats(kept, act), torch.stack(single), equal_nan=True, atol=1e-6, rtol=1e-5
     )
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 256, 2048])
+def test_input_quantiles_equal_torch_quantile_bitwise(n):
+    """The watcher's quantiles (one sort, one lerp) are torch.quantile's, NaN and inf rows included."""
+    from gradwatch.stats import INPUT_QUANTILES, QUANTILE_SAMPLE, input_quantiles
+
+    rows = torch.randn(20, n, generator=torch.Generator().manual_seed(n))
+    rows[3, 0] = float("nan")
+    rows[5, -1] = float("inf")
+    rows[6, : min(2, n)] = float("-inf")
+    got = input_quantiles(list(rows))
+    strided = rows[:, :: n // QUANTILE_SAMPLE][:, :QUANTILE_SAMPLE] if n > QUANTILE_SAMPLE else rows
+    want = torch.quantile(strided, torch.tensor(INPUT_QUANTILES), dim=1).T
+    assert got.shape == (20, len(INPUT_QUANTILES))
+    assert torch.equal(got.isnan(), want.isnan()) and got.isnan()[3].all()
+    assert torch.equal(got.nan_to_num(), want.nan_to_num())
