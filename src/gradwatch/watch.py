@@ -230,13 +230,14 @@ class _Blocks:
     def update_norms(self, weights: list[Tensor]) -> Tensor:
         """``||after - before||`` per block, then ``||before||`` per block (float32, on device)."""
         torch._foreach_copy_(self.after_rows, self.views(weights))
-        moved = torch.sub(self.after, self.before, out=self.after)  # `after` is not read again
-        before = self.before
-        if moved.dtype not in _ACCUMULATE:  # half precision: sum the squares in float32
-            moved, before = moved.float(), before.float()
-        # a row-wise dot is one pass (vector_norm with dim= is ~1.6x slower on the CPU)
-        squares = torch.cat([torch.linalg.vecdot(moved, moved), torch.linalg.vecdot(before, before)])
-        return squares.float().sqrt_()
+        # in place (`after` is not read again), and a norm per buffer: no temporary the size of
+        # both buffers (1.4-3x faster on the CPU than a norm of their stack, the more so the
+        # more blocks)
+        moved = torch.sub(self.after, self.before, out=self.after)
+        return torch.cat([
+            torch.linalg.vector_norm(moved, dim=1, dtype=torch.float32),
+            torch.linalg.vector_norm(self.before, dim=1, dtype=torch.float32),
+        ])
 
     def take_tracked(self) -> Tensor | None:
         """The tracked elements of the blocks copied last (before the step), in ``tracked`` order."""
