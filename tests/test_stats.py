@@ -131,6 +131,15 @@ def test_batched_stats_equal_one_by_one(name):
     torch.testing.assert_close(
         batched_region_stats(kept, act), torch.stack(single), equal_nan=True, atol=1e-6, rtol=1e-5
     )
+    # layers of one shape: the (layers, n) fast path, against the general one (mixed sizes)
+    same = [torch.randn(32, 20, generator=g) * 3 for _ in range(4)]
+    same[1][:, :7] = -300.0
+    kept_same = [activation_inputs(x, act) for x in same]
+    fast = batched_region_stats(kept_same, act)
+    general = batched_region_stats(kept_same + kept[1:2], act)[:4]
+    torch.testing.assert_close(fast, general, equal_nan=True, atol=1e-6, rtol=1e-5)
+    if name not in ("leaky_relu", "softsign"):  # phi'(-300) is 0.01 and 1e-5 there; 0 elsewhere
+        assert fast[1, 2] >= 7 / 20  # the 7 units set to -300 are dead
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 256, 2048])

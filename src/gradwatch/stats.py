@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import torch
 from torch import Tensor
 
@@ -193,13 +195,27 @@ def batched_region_stats(
     device = kept[0][0].device
     m = activation.max_derivative
     sizes = [inputs.numel() for inputs, _, _ in kept]
+    unit_sizes = [units.numel() for _, units, _ in kept]
+    if len(set(sizes)) == 1 and len(set(unit_sizes)) == 1 and not any(is_d for _, _, is_d in kept):
+        # the usual case (one sample size, one width): (layers, n) matrices, reductions along
+        # rows, no concatenations and no float copies of the masks (a third of the time)
+        d = _abs_derivative(activation, torch.stack([inputs for inputs, _, _ in kept]))
+        n = float(sizes[0])
+        saturated = (d < saturation_fraction * m).sum(1).float().div_(n)
+        if not activation.saturating:
+            saturated.fill_(float("nan"))
+        green = (d >= green_fraction * m).sum(1).float().div_(n)
+        mean_derivative = d.sum(1, dtype=torch.float32).div_(n)
+        best = _abs_derivative(activation, torch.stack([units for _, units, _ in kept]))
+        dead = (best <= 0).sum(1).float().div_(float(unit_sizes[0]))
+        return torch.stack([saturated, green, dead, mean_derivative], dim=1)
+
     d = activation.derivative(torch.cat([inputs for inputs, _, _ in kept])).abs()
     per_input = torch.stack([d < saturation_fraction * m, d >= green_fraction * m]).float()
     per_input = torch.cat([per_input, d.float().unsqueeze(0)])
     sums = _segment_sums(per_input, sizes) / torch.tensor(sizes, device=device, dtype=torch.float32)
     saturated = sums[0] if activation.saturating else torch.full_like(sums[0], float("nan"))
 
-    unit_sizes = [units.numel() for _, units, _ in kept]
     if any(is_d for _, _, is_d in kept):
         best = torch.cat([u if is_d else activation.derivative(u).abs() for _, u, is_d in kept])
     else:
@@ -207,6 +223,20 @@ def batched_region_stats(
     dead_counts = _segment_sums((best <= 0).float().unsqueeze(0), unit_sizes)[0]
     dead = dead_counts / torch.tensor(unit_sizes, device=device, dtype=torch.float32)
     return torch.stack([saturated, sums[1], dead, sums[2]], dim=1)
+
+
+# Activations whose phi' is never negative: |phi'| is phi' itself, one op fewer.
+_NONNEGATIVE_DERIVATIVE = {"sigmoid", "tanh", "relu", "softsign", "hardtanh", "elu"}
+
+
+def _abs_derivative(activation: Activation, x: Tensor) -> Tensor:
+    """``|phi'(x)|``: phi' where it cannot be negative (not GELU, SiLU, or LeakyReLU < 0)."""
+    d = activation.derivative(x)
+    if activation.name in _NONNEGATIVE_DERIVATIVE or (
+        activation.name == "leaky_relu" and activation.params.get("negative_slope", 0.0) >= 0
+    ):
+        return d
+    return d.abs()
 
 
 INPUT_QUANTILES = (0.15, 0.5, 0.85)
@@ -255,7 +285,11 @@ def _sorted_quantiles(rows: Tensor, q: tuple[float, ...]) -> Tensor:
     low = position.long()
     high = torch.clamp(low + 1, max=n - 1)
     weight = (position - low).to(rows.device)
-    ordered = rows.sort(dim=1).values
+    if rows.is_cpu and rows.dtype in (torch.float32, torch.float64):
+        # numpy sorts (20, 256) 5-10x faster than torch.sort on the CPU; the same values
+        ordered = torch.from_numpy(np.sort(rows.detach().numpy(), axis=1))
+    else:
+        ordered = rows.sort(dim=1).values
     values = torch.lerp(ordered[:, low.to(rows.device)], ordered[:, high.to(rows.device)], weight)
     last = ordered[:, -1:]
     return torch.where(last.isnan(), last, values)
