@@ -24,17 +24,17 @@ batched Linear here is bitwise the per-seed one, so K vectorized runs store the
 numbers K sequential runs store, not merely close ones.
 
 Measured (``bench/results/vectorized.json``, 2 cores, 1 torch thread, load average
-1.1-1.2, median of 5 interleaved rounds): a group of 5 seeds finishes 2.5-3.0x faster
-than the 5 runs one after another (depth-10 sigmoid 2.95x, depth 2 2.80x, depth 20 with
-batch norm 2.48x, narrow depth-10 ReLU 2.52x; 2.5-3.2x leaving out ``diagnose``, 25-50 ms
-a run in both variants). The target was 3x. Two things hold it below that. The 5 seeds'
-bare training step is only 2.3-3.9x faster batched (same benchmark): batching shares the
-per-op overhead, not the matrix products and elementwise work of the deeper
-configurations. And ``diagnose`` is per run, while the group's telemetry is a fixed
-number of ops per layer: with batch norm the rest of a run (telemetry of the logged
-steps, evaluation, data, store rows) is 1.69 s for the group against 2.99 s for the 5
-runs (1.8x), beside 1.83 s of training steps (6.56 s). The whole ``seed`` lab (3 seeds,
-2 workers) was 1.7x faster in an earlier measurement (118 s -> 69 s).
+1.0-1.1, median of 5 interleaved rounds, session 5): a group of 5 seeds finishes 2.2-3.5x
+faster than the 5 runs one after another (narrow depth-10 ReLU 3.49x, depth-10 sigmoid
+2.76x, depth 2 2.60x, depth 20 with batch norm 2.21x; leaving out ``diagnose``, which is
+per run in both variants, 2.3-4.0x). The target was 3x: only the narrow ReLU network meets
+it in the median. The bound is the 5 seeds' bare training step, 1.9-4.1x faster batched
+(same benchmark): batching shares the per-op overhead, not the matrix products and
+elementwise work of the deeper configurations, and the batch norm over (N, K x width)
+needs a transposed copy of each layer's output. With batch norm the group's training
+steps take 2.07 s against 4.02 s for the 5 runs, and the rest (telemetry of the logged
+steps, evaluation, data, store rows) 0.86 s against 2.49 s. The whole ``seed`` lab
+(3 seeds, 2 workers) was 1.7x faster in an earlier measurement (118 s -> 69 s).
 
 What is recorded mirrors :class:`gradwatch.watch.Watcher` with the lab's settings
 (``every`` from the config, activation sample 2048, 8 tracked weights, the
