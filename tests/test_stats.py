@@ -157,3 +157,18 @@ def test_input_quantiles_equal_torch_quantile_bitwise(n):
     assert got.shape == (20, len(INPUT_QUANTILES))
     assert torch.equal(got.isnan(), want.isnan()) and got.isnan()[3].all()
     assert torch.equal(got.nan_to_num(), want.nan_to_num())
+
+
+@pytest.mark.parametrize("params", [("leaky_relu", {"negative_slope": -0.5}), ("elu", {"alpha": -1.0})])
+def test_region_stats_of_negative_slopes_use_the_absolute_derivative(params):
+    """phi' < 0 on the negative side: the mean derivative and the fractions are of |phi'|."""
+    from gradwatch.stats import activation_inputs, batched_region_stats
+
+    name, kwargs = params
+    act = get_activation(name, **kwargs)
+    x = -torch.rand(16, 8) - 0.1  # all inputs negative
+    mean_abs = act.derivative(x).abs().mean().item()
+    kept = [activation_inputs(x, act), activation_inputs(x.clone(), act)]  # the (layers, n) path
+    stats = batched_region_stats(kept, act)
+    assert stats[:, 3].tolist() == pytest.approx([mean_abs, mean_abs], rel=1e-6)
+    assert (stats[:, 3] > 0).all()

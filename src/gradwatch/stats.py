@@ -224,16 +224,17 @@ def batched_region_stats(
     return torch.stack([saturated, sums[1], dead, sums[2]], dim=1)
 
 
-# Activations whose phi' is never negative: |phi'| is phi' itself, one op fewer.
-_NONNEGATIVE_DERIVATIVE = {"sigmoid", "tanh", "relu", "softsign", "hardtanh", "elu"}
+# Activations whose phi' is never negative: |phi'| is phi' itself, one op fewer. LeakyReLU
+# and ELU only with a non-negative slope / alpha (their phi' is that on the negative side).
+_NONNEGATIVE_DERIVATIVE = {"sigmoid", "tanh", "relu", "softsign", "hardtanh"}
+_NONNEGATIVE_IF_PARAMS = {"leaky_relu": "negative_slope", "elu": "alpha"}
 
 
 def _abs_derivative(activation: Activation, x: Tensor) -> Tensor:
-    """``|phi'(x)|``: phi' where it cannot be negative (not GELU, SiLU, or LeakyReLU < 0)."""
+    """``|phi'(x)|``: phi' itself where it cannot be negative (not GELU or SiLU)."""
     d = activation.derivative(x)
-    if activation.name in _NONNEGATIVE_DERIVATIVE or (
-        activation.name == "leaky_relu" and activation.params.get("negative_slope", 0.0) >= 0
-    ):
+    param = _NONNEGATIVE_IF_PARAMS.get(activation.name)
+    if activation.name in _NONNEGATIVE_DERIVATIVE or (param and activation.params.get(param, 0.0) >= 0):
         return d
     return d.abs()
 
