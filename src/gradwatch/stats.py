@@ -197,7 +197,8 @@ def batched_region_stats(
     unit_sizes = [units.numel() for _, units, _ in kept]
     if len(set(sizes)) == 1 and len(set(unit_sizes)) == 1 and not any(is_d for _, _, is_d in kept):
         # the usual case (one sample size, one width): (layers, n) matrices, reductions along
-        # rows, no concatenations and no float copies of the masks (a third of the time)
+        # rows, no concatenations and no float copies of the masks (20 tanh layers 0.69 ->
+        # 0.51 ms, 100 sigmoid rows 5.3 -> 1.4 ms on the CPU)
         d = _abs_derivative(activation, torch.stack([inputs for inputs, _, _ in kept]))
         n = float(sizes[0])
         saturated = (d < saturation_fraction * m).sum(1).float().div_(n)
@@ -209,16 +210,16 @@ def batched_region_stats(
         dead = (best <= 0).sum(1).float().div_(float(unit_sizes[0]))
         return torch.stack([saturated, green, dead, mean_derivative], dim=1)
 
-    d = activation.derivative(torch.cat([inputs for inputs, _, _ in kept])).abs()
+    d = _abs_derivative(activation, torch.cat([inputs for inputs, _, _ in kept]))
     per_input = torch.stack([d < saturation_fraction * m, d >= green_fraction * m]).float()
     per_input = torch.cat([per_input, d.float().unsqueeze(0)])
     sums = _segment_sums(per_input, sizes) / torch.tensor(sizes, device=device, dtype=torch.float32)
     saturated = sums[0] if activation.saturating else torch.full_like(sums[0], float("nan"))
 
     if any(is_d for _, _, is_d in kept):
-        best = torch.cat([u if is_d else activation.derivative(u).abs() for _, u, is_d in kept])
+        best = torch.cat([u if is_d else _abs_derivative(activation, u) for _, u, is_d in kept])
     else:
-        best = activation.derivative(torch.cat([u for _, u, _ in kept])).abs()
+        best = _abs_derivative(activation, torch.cat([u for _, u, _ in kept]))
     dead_counts = _segment_sums((best <= 0).float().unsqueeze(0), unit_sizes)[0]
     dead = dead_counts / torch.tensor(unit_sizes, device=device, dtype=torch.float32)
     return torch.stack([saturated, sums[1], dead, sums[2]], dim=1)
@@ -276,9 +277,9 @@ def input_quantiles(inputs: list[Tensor], q: tuple[float, ...] = INPUT_QUANTILES
 def _sorted_quantiles(rows: Tensor, q: tuple[float, ...]) -> Tensor:
     """``torch.quantile(rows, q, dim=1).T`` (linear interpolation) as one sort and one lerp.
 
-    A third faster than ``torch.quantile`` on the CPU for (20, 256), with the same values:
-    the ranks ``q * (n - 1)`` in the rows' dtype, and NaN for a row holding a NaN (the sort
-    puts NaN last).
+    The same values as ``torch.quantile``: the ranks ``q * (n - 1)`` in the rows' dtype, and
+    NaN for a row holding a NaN (both sorts put NaN last). On the CPU numpy sorts: (20, 256)
+    in 20-30 us, against 150-180 us for ``torch.sort`` and 240-330 us for ``torch.quantile``.
     """
     n = rows.shape[1]
     position = torch.tensor(q, dtype=rows.dtype) * (n - 1)

@@ -550,12 +550,8 @@ class Watcher:
             # sum(x) and sum(x^2) (or ||x||, see _square_sum): mean and std pool exactly over calls
             # (gradwatch.stats.moments_from_sums); float32 at least (no dtype argument when it is:
             # that would cost a conversion op each)
-            if _dot_ok(x):  # the usual case, inline (a hook's Python is a third of its cost)
-                flat = x.view(-1)
-                record.moments.append((lid, flat.numel(), flat.sum(), torch.dot(flat, flat), True))
-            else:
-                total = x.sum() if x.dtype in _ACCUMULATE else x.sum(dtype=torch.float32)
-                record.moments.append((lid, x.numel(), total, *_square_sum(x)))
+            total = x.sum() if x.dtype in _ACCUMULATE else x.sum(dtype=torch.float32)
+            record.moments.append((lid, x.numel(), total, *_square_sum(x)))
             if out.requires_grad:
                 out.register_hook(self._make_delta_hook(record, lid))
 
