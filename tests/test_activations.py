@@ -57,3 +57,15 @@ def test_unknown_activation_lists_known():
         get_activation("swishy")
     with pytest.raises(ConfigError, match="takes no parameters"):
         get_activation("tanh", alpha=2)
+
+
+@pytest.mark.parametrize(
+    "name, params",
+    [(n, {}) for n in activation_names()]
+    + [("leaky_relu", {"negative_slope": -0.5}), ("elu", {"alpha": -1.0})],
+)
+def test_nonnegative_flag_matches_the_derivative(name, params):
+    """``Activation.nonnegative`` (|phi'| taken as phi') holds exactly where phi' >= 0 on a dense grid."""
+    act = get_activation(name, **params)
+    x = torch.linspace(-20, 20, 100_001, dtype=torch.float64)
+    assert act.nonnegative == bool((act.derivative(x) >= 0).all())

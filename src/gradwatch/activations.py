@@ -57,6 +57,8 @@ class Activation:
             phi' vanishes only toward -inf), ``"min_abs"`` (at the input nearest 0:
             sigmoid, tanh, softsign) or None (no shortcut: compute phi' everywhere).
             It makes the dead-unit test one reduction instead of phi' on every input.
+        nonnegative: True if ``phi' >= 0`` everywhere (then ``|phi'|`` is phi' itself; not
+            GELU or SiLU, whose phi' dips below 0, nor a negative LeakyReLU slope or ELU alpha).
     """
 
     name: str
@@ -67,6 +69,7 @@ class Activation:
     make_module: Callable[[], nn.Module] = field(repr=False)
     params: dict = field(default_factory=dict)
     peak: str | None = None
+    nonnegative: bool = False
 
     def green_threshold(self, fraction: float = 0.5) -> float:
         """Derivative value at and above which an input is in the green region."""
@@ -128,6 +131,7 @@ def _leaky_relu(slope: float) -> Activation:
         make_module=lambda: nn.LeakyReLU(slope),
         params={"negative_slope": slope},
         peak="max",
+        nonnegative=slope >= 0,
     )
 
 
@@ -141,6 +145,7 @@ def _elu(alpha: float) -> Activation:
         make_module=lambda: nn.ELU(alpha),
         params={"alpha": alpha},
         peak="max",
+        nonnegative=alpha >= 0,
     )
 
 
@@ -153,6 +158,7 @@ def _hardtanh(min_val: float, max_val: float) -> Activation:
         saturating=True,
         make_module=lambda: nn.Hardtanh(min_val, max_val),
         params={"min_val": min_val, "max_val": max_val},
+        nonnegative=True,
     )
 
 
@@ -174,12 +180,17 @@ def _gelu(approximate: str) -> Activation:
 
 _SIMPLE: dict[str, Callable[[], Activation]] = {
     "sigmoid": lambda: Activation(
-        "sigmoid", torch.sigmoid, _d_sigmoid, 0.25, True, nn.Sigmoid, peak="min_abs"
+        "sigmoid", torch.sigmoid, _d_sigmoid, 0.25, True, nn.Sigmoid, peak="min_abs", nonnegative=True
     ),
-    "tanh": lambda: Activation("tanh", torch.tanh, _d_tanh, 1.0, True, nn.Tanh, peak="min_abs"),
-    "relu": lambda: Activation("relu", torch.relu, _d_relu, 1.0, False, nn.ReLU, peak="max"),
+    "tanh": lambda: Activation(
+        "tanh", torch.tanh, _d_tanh, 1.0, True, nn.Tanh, peak="min_abs", nonnegative=True
+    ),
+    "relu": lambda: Activation(
+        "relu", torch.relu, _d_relu, 1.0, False, nn.ReLU, peak="max", nonnegative=True
+    ),
     "softsign": lambda: Activation(
-        "softsign", torch.nn.functional.softsign, _d_softsign, 1.0, True, nn.Softsign, peak="min_abs"
+        "softsign", torch.nn.functional.softsign, _d_softsign, 1.0, True, nn.Softsign, peak="min_abs",
+        nonnegative=True,
     ),
     # max of SiLU' is at x ~ 2.3994
     "silu": lambda: Activation(

@@ -225,19 +225,10 @@ def batched_region_stats(
     return torch.stack([saturated, sums[1], dead, sums[2]], dim=1)
 
 
-# Activations whose phi' is never negative: |phi'| is phi' itself, one op fewer. LeakyReLU
-# and ELU only with a non-negative slope / alpha (their phi' is that on the negative side).
-_NONNEGATIVE_DERIVATIVE = {"sigmoid", "tanh", "relu", "softsign", "hardtanh"}
-_NONNEGATIVE_IF_PARAMS = {"leaky_relu": "negative_slope", "elu": "alpha"}
-
-
 def _abs_derivative(activation: Activation, x: Tensor) -> Tensor:
-    """``|phi'(x)|``: phi' itself where it cannot be negative (not GELU or SiLU)."""
+    """``|phi'(x)|``, one op fewer where phi' is never negative (``activation.nonnegative``)."""
     d = activation.derivative(x)
-    param = _NONNEGATIVE_IF_PARAMS.get(activation.name)
-    if activation.name in _NONNEGATIVE_DERIVATIVE or (param and activation.params.get(param, 0.0) >= 0):
-        return d
-    return d.abs()
+    return d if activation.nonnegative else d.abs()
 
 
 INPUT_QUANTILES = (0.15, 0.5, 0.85)
