@@ -21,6 +21,7 @@ __all__ = [
     "activation_region_stats",
     "activation_inputs",
     "batched_region_stats",
+    "region_stats_rows",
     "moments_from_sums",
     "sample_index",
     "weight_block",
@@ -196,19 +197,14 @@ def batched_region_stats(
     sizes = [inputs.numel() for inputs, _, _ in kept]
     unit_sizes = [units.numel() for _, units, _ in kept]
     if len(set(sizes)) == 1 and len(set(unit_sizes)) == 1 and not any(is_d for _, _, is_d in kept):
-        # the usual case (one sample size, one width): (layers, n) matrices, reductions along
-        # rows, no concatenations and no float copies of the masks (20 tanh layers 0.69 ->
-        # 0.51 ms, 100 sigmoid rows 5.3 -> 1.4 ms on the CPU)
-        d = _abs_derivative(activation, torch.stack([inputs for inputs, _, _ in kept]))
-        n = float(sizes[0])
-        saturated = (d < saturation_fraction * m).sum(1).float().div_(n)
-        if not activation.saturating:
-            saturated.fill_(float("nan"))
-        green = (d >= green_fraction * m).sum(1).float().div_(n)
-        mean_derivative = d.sum(1, dtype=torch.float32).div_(n)
-        best = _abs_derivative(activation, torch.stack([units for _, units, _ in kept]))
-        dead = (best <= 0).sum(1).float().div_(float(unit_sizes[0]))
-        return torch.stack([saturated, green, dead, mean_derivative], dim=1)
+        # the usual case (one sample size, one width): (layers, n) matrices
+        return region_stats_rows(
+            torch.stack([inputs for inputs, _, _ in kept]),
+            torch.stack([units for _, units, _ in kept]),
+            activation,
+            saturation_fraction=saturation_fraction,
+            green_fraction=green_fraction,
+        )
 
     d = _abs_derivative(activation, torch.cat([inputs for inputs, _, _ in kept]))
     per_input = torch.stack([d < saturation_fraction * m, d >= green_fraction * m]).float()
@@ -225,6 +221,33 @@ def batched_region_stats(
     return torch.stack([saturated, sums[1], dead, sums[2]], dim=1)
 
 
+def region_stats_rows(
+    inputs: Tensor,
+    units: Tensor,
+    activation: Activation,
+    *,
+    saturation_fraction: float = 0.1,
+    green_fraction: float = 0.5,
+) -> Tensor:
+    """:func:`batched_region_stats` of layers kept as rows: ``inputs`` ``(layers, n)``, ``units``
+    ``(layers, u)`` (per unit the input where phi' peaks, see :func:`activation_inputs`).
+
+    Reductions along rows: no concatenations and no float copies of the masks (20 tanh
+    layers 0.69 -> 0.51 ms, 100 sigmoid rows 5.3 -> 1.4 ms on the CPU against the general
+    path). Returns a float32 ``(layers, 4)`` tensor in the order of :data:`ACTIVATION_STATS`.
+    """
+    m = activation.max_derivative
+    d = _abs_derivative(activation, inputs)
+    n = float(inputs.shape[1])
+    saturated = (d < saturation_fraction * m).sum(1).float().div_(n)
+    if not activation.saturating:
+        saturated.fill_(float("nan"))
+    green = (d >= green_fraction * m).sum(1).float().div_(n)
+    mean_derivative = d.sum(1, dtype=torch.float32).div_(n)
+    dead = (_abs_derivative(activation, units) <= 0).sum(1).float().div_(float(units.shape[1]))
+    return torch.stack([saturated, green, dead, mean_derivative], dim=1)
+
+
 def _abs_derivative(activation: Activation, x: Tensor) -> Tensor:
     """``|phi'(x)|``, one op fewer where phi' is never negative (``activation.nonnegative``)."""
     d = activation.derivative(x)
@@ -238,8 +261,9 @@ INPUT_QUANTILES = (0.15, 0.5, 0.85)
 QUANTILE_SAMPLE = 256
 
 
-def input_quantiles(inputs: list[Tensor], q: tuple[float, ...] = INPUT_QUANTILES) -> Tensor:
-    """The ``q`` quantiles of each tensor of ``inputs`` (an activation's kept inputs).
+def input_quantiles(inputs: list[Tensor] | Tensor, q: tuple[float, ...] = INPUT_QUANTILES) -> Tensor:
+    """The ``q`` quantiles of each tensor of ``inputs`` (an activation's kept inputs), or of
+    each row of a 2-D tensor.
 
     Ioffe & Szegedy (2015), Figure 1, plot the 15th, 50th and 85th percentiles of a
     sigmoid's input over training: without batch normalisation they drift into the
@@ -248,14 +272,20 @@ def input_quantiles(inputs: list[Tensor], q: tuple[float, ...] = INPUT_QUANTILES
     each tensor taken at a fixed stride (the watcher's kept inputs are a random sample
     already; for an unsampled input the stride spreads them over the whole batch).
     """
+    if not isinstance(inputs, Tensor):
+        if len({x.numel() for x in inputs}) > 1:
+            return _quantiles_each(inputs, q)
+        # the usual case, one size: a fixed number of ops for all the layers
+        inputs = torch.stack([x if x.ndim == 1 else x.reshape(-1) for x in inputs])
+    rows, n = inputs.float(), inputs.shape[1]
+    if n > QUANTILE_SAMPLE:
+        rows = rows[:, :: n // QUANTILE_SAMPLE][:, :QUANTILE_SAMPLE]
+    return _sorted_quantiles(rows, q)
+
+
+def _quantiles_each(inputs: list[Tensor], q: tuple[float, ...]) -> Tensor:
+    """:func:`input_quantiles` of tensors of several sizes, one by one."""
     levels = torch.tensor(q, device=inputs[0].device, dtype=torch.float32)
-    sizes = {x.numel() for x in inputs}
-    if len(sizes) == 1:  # the usual case: a fixed number of ops for all the layers
-        n = sizes.pop()
-        rows = torch.stack([x if x.ndim == 1 else x.reshape(-1) for x in inputs]).float()
-        if n > QUANTILE_SAMPLE:
-            rows = rows[:, :: n // QUANTILE_SAMPLE][:, :QUANTILE_SAMPLE]
-        return _sorted_quantiles(rows, q)
     flat = []
     for x in inputs:
         x = x.reshape(-1).float()
