@@ -1076,7 +1076,8 @@ class Watcher:
     @staticmethod
     def _plan_moments(record: _Step, gather: _Gather) -> tuple[int, list[int], list[int], list[bool]] | None:
         """The step's output moments into the gather as (sum, square) pairs, one per call:
-        ``(handle, layer ids, element counts, squared)``, in the order of the pairs."""
+        ``(handle, layer ids, element counts, squared)``, in the order of the pairs.
+        """
         if not record.moments:
             return None
         single = [m for m in record.moments if m[2].ndim == 0]
