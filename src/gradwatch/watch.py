@@ -17,6 +17,11 @@ How it hooks the model (and why):
 * A forward *pre*-hook on each known activation module measures its inputs
   (saturated, green, dead fractions, mean phi'): the pre-hook sees the input
   before an in-place activation overwrites it.
+* Small outputs and activation inputs (at most ``_DEFER_NUMEL`` elements) wait for the
+  end of the forward and are measured stacked by shape, a few ops for all the layers
+  (on the CPU each small op in a training step costs 2-4x its own time); a layer whose
+  tensor is changed in place after its hook is measured in the hook (see
+  :meth:`Watcher._flush_pending`).
 * At the end of every backward pass of a training step (a ``queue_callback`` from a
   tensor hook on the model's output), the norm of every parameter's gradient, on
   device, in one ``torch._foreach_norm``: the last backward of a step sees the
