@@ -63,6 +63,31 @@ def test_grad_norms_match_torch(store):
         assert rel(s.set_index("step").loc[step, "total_grad_norm"], totals[step]) < 1e-6
 
 
+def test_norms_of_large_and_small_tensors_keep_their_order(store):
+    # on the CPU tensors of >= 65,536 elements are normed by torch.dot, the others by one
+    # _foreach_norm, and the order restored: interleave large and small parameters
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 300), nn.Tanh(), nn.Linear(300, 300), nn.Tanh(), nn.Linear(300, 3))
+    assert [p.numel() >= 65536 for p in model.parameters()] == [False, False, True, False, False, False]
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    with gradwatch.watch(model, opt, every=1, store=store, warn=False) as watcher:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        grads = {n: torch.linalg.vector_norm(m.weight.grad.double()).item() for n, m in model.named_children()
+                 if isinstance(m, nn.Linear)}
+        weights = {n: torch.linalg.vector_norm(m.weight.double()).item() for n, m in model.named_children()
+                   if isinstance(m, nn.Linear)}
+        total = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]).item()
+        opt.step()
+        at = watcher.metrics().set_index("layer")
+        total_logged = watcher.scalars().total_grad_norm[0]
+    for name in grads:
+        assert rel(at.loc[name, "grad_norm"], grads[name]) < 1e-6, name
+        assert rel(at.loc[name, "weight_norm"], weights[name]) < 1e-6, name
+    assert rel(total_logged, total) < 1e-6
+
+
 def test_delta_rms_matches_autograd(store):
     torch.manual_seed(1)
     model = mlp(depth=4, activation=nn.Sigmoid)
