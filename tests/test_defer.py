@@ -12,17 +12,14 @@ from test_watch import MixedLayouts, resnet
 from torch import nn
 
 import gradwatch
+from gradwatch.stats import ACTIVATION_STATS, INPUT_QUANTILES
 
+# what is measured on the tensors the hooks see: output moments, the activations' inputs, deltas
 COLUMNS = [
     "output_mean",
     "output_std",
-    "saturated_frac",
-    "green_frac",
-    "dead_frac",
-    "mean_derivative",
-    "input_q15",
-    "input_q50",
-    "input_q85",
+    *ACTIVATION_STATS,
+    *(f"input_q{round(q * 100)}" for q in INPUT_QUANTILES),
     "delta_rms",
 ]
 
