@@ -69,3 +69,11 @@ def test_nonnegative_flag_matches_the_derivative(name, params):
     act = get_activation(name, **params)
     x = torch.linspace(-20, 20, 100_001, dtype=torch.float64)
     assert act.nonnegative == bool((act.derivative(x) >= 0).all())
+
+
+def test_key_tells_parameters_apart_and_matches_equal_modules():
+    # the watcher measures calls of one key together: equal modules share it, other slopes do not
+    a, b = activation_for_module(nn.LeakyReLU(0.1)), activation_for_module(nn.LeakyReLU(0.1))
+    assert a.key == b.key and hash(a.key) == hash(b.key)
+    assert a.key != activation_for_module(nn.LeakyReLU(0.2)).key
+    assert get_activation("tanh").key == activation_for_module(nn.Tanh()).key == ("tanh", ())

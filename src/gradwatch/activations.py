@@ -71,6 +71,13 @@ class Activation:
     peak: str | None = None
     nonnegative: bool = False
 
+    @property
+    def key(self) -> tuple:
+        """What tells activations apart: the name and the parameters (hashable). Calls of equal
+        keys are measured together (one batch of region statistics per key).
+        """
+        return (self.name, tuple(sorted(self.params.items())))
+
     def green_threshold(self, fraction: float = 0.5) -> float:
         """Derivative value at and above which an input is in the green region."""
         return fraction * self.max_derivative

@@ -598,7 +598,7 @@ class Watcher:
     def _make_activation_hook(self, layer: _Layer) -> Callable:
         activation = layer.activation
         assert activation is not None
-        kind = (activation.name, tuple(sorted(activation.params.items())))
+        kind = activation.key
 
         def on_pre_forward(module: nn.Module, args: Any) -> None:
             record = self._record
@@ -687,9 +687,9 @@ class Watcher:
                 for (kind, *_, group), members in groups.items():
                     if (kind == "moments") != moments_first:
                         continue
-                    if len(members) == 1:  # nothing to batch: as in the hook
-                        lid, x, activation = members[0]
-                        self._measure(record, kind, lid, x, group, activation)
+                    if len(members) == 1 or (kind == "activation" and members[0][1].ndim < 2):
+                        for lid, x, activation in members:  # nothing to batch, or 1-D: as in the hook
+                            self._measure(record, kind, lid, x, group, activation)
                         continue
                     ids = tuple((x.data_ptr(), x.stride()) for _, x, _ in members)  # detach: new objects
                     rows = stacks.pop(ids, None)
@@ -738,12 +738,9 @@ class Watcher:
     def _activation_rows(
         self, record: _Step, lids: list[int], rows: Tensor, activation: Activation, channels_first: bool
     ) -> None:
-        """:func:`gradwatch.stats.activation_inputs` of stacked calls ``(calls, *shape)``, per row."""
-        if rows.ndim < 3:  # 1-D inputs (rare): one by one
-            for lid, x in zip(lids, rows, strict=True):
-                sample = self._activation_sample(lid, x.numel(), x.device)
-                record.act_kept.append(([lid], activation, *activation_inputs(x, activation, sample=sample)))
-            return
+        """:func:`gradwatch.stats.activation_inputs` of stacked calls ``(calls, *shape)``, per row
+        (each call at least 2-D: batch first).
+        """
         flat = rows.view(len(lids), -1)
         key = ("activation-rows", tuple(lids), flat.shape[1], flat.device)
         index = self._samples.get(key, False)
@@ -996,7 +993,7 @@ class Watcher:
         groups: dict[tuple, list[tuple[list[int], Activation, Tensor, Tensor, bool]]] = defaultdict(list)
         for kept in record.act_kept:
             activation, inputs = kept[1], kept[2]
-            groups[(activation.name, tuple(sorted(activation.params.items())), inputs.device)].append(kept)
+            groups[(activation.key, inputs.device)].append(kept)
         out = []
         with torch.no_grad():
             for members in groups.values():

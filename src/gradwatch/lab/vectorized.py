@@ -755,8 +755,7 @@ class _Recorder:
         for lid, per_seed in tap.kept:
             activation = layers[lid].activation
             assert activation is not None
-            key = (activation.name, tuple(sorted(activation.params.items())))
-            groups[key].extend((k, lid, kept) for k, kept in enumerate(per_seed))
+            groups[activation.key].extend((k, lid, kept) for k, kept in enumerate(per_seed))
         seeds: list[int] = []
         lids: list[int] = []
         rows: list[Tensor] = []
