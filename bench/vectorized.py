@@ -221,10 +221,10 @@ def bench_steps(entry: GridEntry, seeds: int, steps: int) -> dict[str, float]:
 
     net = _StackedMLP([build_model(entry.model, data.input_shape, data.n_classes, seed=s)
                        for s in range(seeds)])
-    net_optimizer = _optimizer(entry.train, net.parameters())
+    net_optimizer = net.optimizer(entry.train)
 
     def batched() -> None:
-        net_optimizer.zero_grad(set_to_none=True)
+        net.zero_grad()
         _seed_losses(net.forward(x, training=True), y).sum().backward()
         net_optimizer.step()
 

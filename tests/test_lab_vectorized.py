@@ -250,3 +250,39 @@ def test_cli_vectorize_with_ray_says_what_to_do(tmp_path):
     text = result.output.replace("\n", " ")
     assert "vectorize=True needs the local backend; RayBackend runs one seed per task" in text
     assert "--no-vectorize" in text
+
+
+# --- the stacked network's flat parameters ----------------------------------------------------------
+
+
+def test_stacked_parameters_and_gradients_live_in_one_flat_tensor():
+    """The optimizer steps ``net.flat``: every leaf's values and gradient must be views of it."""
+    import torch
+
+    from gradwatch.lab.models import build_model
+    from gradwatch.lab.vectorized import _seed_losses, _StackedMLP
+
+    config = ModelConfig(depth=3, width=16, activation="tanh", batch_norm=True)
+    models = [build_model(config, (64,), 10, seed=s) for s in range(3)]
+    net = _StackedMLP(models)
+    for name, leaf in net.params.items():  # the seeds' own values, stacked
+        torch.testing.assert_close(leaf.detach(), torch.stack([dict(m.named_parameters())[name].detach()
+                                                               for m in models]), rtol=0, atol=0)
+    storage = net.flat.untyped_storage().data_ptr()
+    assert all(p.untyped_storage().data_ptr() == storage for p in net.parameters())
+    x, y = torch.randn(3, 32, 64), torch.randint(0, 10, (3, 32))
+    optimizer = net.optimizer(ADAM)
+    for _ in range(2):  # the second backward adds into the .grad views the first one filled
+        net.zero_grad()
+        _seed_losses(net.forward(x, training=True), y).sum().backward()
+        grads = [p.grad for p in net.parameters()]
+        flat_grad = net.flat_grad.untyped_storage().data_ptr()
+        assert all(g.untyped_storage().data_ptr() == flat_grad for g in grads)
+        assert net.flat.grad is net.flat_grad and float(net.flat_grad.abs().sum()) > 0
+        expected = torch.stack([torch.linalg.vector_norm(g.reshape(3, -1), dim=1) for g in grads], 1)
+        torch.testing.assert_close(net.row_norms(net.flat_grad), expected, rtol=1e-6, atol=0)
+        before = [p.detach().clone() for p in net.parameters()]
+        optimizer.step()
+        assert all(not torch.equal(b, p) for b, p in zip(before, net.parameters(), strict=True))
+    net.zero_grad()
+    assert all(float(p.grad.abs().sum()) == 0 for p in net.parameters())

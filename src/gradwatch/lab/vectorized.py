@@ -353,8 +353,39 @@ class _StackedMLP:
         if not isinstance(template, MLP):
             raise ConfigError(f"the batched path trains the lab's MLP; got {type(template).__name__}")
         self.k = len(models)
-        self.params, self.buffers = stack_module_state(list(models))
-        self.names = list(self.params)  # model.parameters() order: the watcher's parameter indices
+        stacked, self.buffers = stack_module_state(list(models))
+        self.names = list(stacked)  # model.parameters() order: the watcher's parameter indices
+        # All stacked parameters live in one flat tensor, and their gradients in another: the
+        # optimizer steps the flat tensor, one op per update term instead of one per parameter.
+        # Each stacked parameter is a leaf sharing the flat tensor's storage, its .grad a view of
+        # the flat gradient (autograd adds into an existing .grad in place, so backward fills it).
+        # Parameters of one size sit side by side, so the per-seed norms of all of them are one
+        # reduction over a (count, K, size) view (:meth:`row_norms`).
+        values = list(stacked.values())
+        total = sum(p.numel() for p in values)
+        self.flat = torch.empty(total, dtype=values[0].dtype, device=values[0].device)
+        self.flat_grad = torch.zeros_like(self.flat)
+        by_size: dict[int, list[int]] = defaultdict(list)
+        for i, p in enumerate(values):
+            by_size[p[0].numel()].append(i)
+        self._groups: list[tuple[int, int, int]] = []  # (offset, parameters, elements of one seed's)
+        leaves: dict[int, Tensor] = {}
+        offset = 0
+        for size, members in by_size.items():
+            self._groups.append((offset, len(members), size))
+            for i in members:
+                p = values[i]
+                view = self.flat[offset : offset + p.numel()].view_as(p)
+                view.copy_(p.detach())
+                leaves[i] = view.detach().requires_grad_()
+                leaves[i].grad = self.flat_grad[offset : offset + p.numel()].view_as(p)
+                offset += p.numel()
+        self.params: dict[str, Tensor] = {name: leaves[i] for i, name in enumerate(self.names)}
+        # row_norms' rows come out grouped by size; this puts them back in parameter order
+        grouped = [i for members in by_size.values() for i in members]
+        self._order = torch.tensor(sorted(range(len(grouped)), key=grouped.__getitem__))
+        self.flat.requires_grad_()
+        self.flat.grad = self.flat_grad
         index = {name: i for i, name in enumerate(self.names)}
         modules = dict(template.named_modules())
         self.layers: list[_Layer] = []
@@ -385,6 +416,29 @@ class _StackedMLP:
     def parameters(self) -> list[Tensor]:
         """The stacked leaves, in the models' parameter order."""
         return list(self.params.values())
+
+    def optimizer(self, train: Any) -> torch.optim.Optimizer:
+        """The lab's optimizer (:func:`gradwatch.lab.runner._optimizer`) over the flat tensor.
+
+        Adam and SGD with momentum are elementwise, so stepping the flat tensor gives each
+        element the update its own parameter would get, in a few ops for all of them.
+        """
+        return _optimizer(train, [self.flat])
+
+    def row_norms(self, flat: Tensor) -> Tensor:
+        """Each seed's L2 norm of each parameter (K, P), of ``flat`` or ``flat_grad``.
+
+        The same per-row reduction as ``vector_norm(p.reshape(K, -1), dim=1)`` for each
+        parameter, taken for all the parameters of one size at once.
+        """
+        k = self.k
+        parts = [torch.linalg.vector_norm(flat[start : start + count * k * size].view(count, k, size), dim=2)
+                 for start, count, size in self._groups]
+        return torch.cat(parts).index_select(0, self._order).t()
+
+    def zero_grad(self) -> None:
+        """Zero every gradient at once (they are views of one flat tensor, never set to None)."""
+        self.flat_grad.zero_()
 
     def forward(self, x: Tensor, *, training: bool, tap: _Tap | None = None) -> Tensor:
         """Logits (K, N, classes) of inputs (K, N, ...); ``tap`` sees what the watcher's hooks see."""
@@ -588,19 +642,17 @@ class _Recorder:
         """Gradient norms of every parameter (the window); on logged steps the weight statistics."""
         with torch.no_grad():
             params = self.net.parameters()
-            norms = torch.stack(
-                [torch.linalg.vector_norm(p.grad.reshape(self.k, -1), dim=1) for p in params], 1
-            )  # (K, P), float32: the watcher's _foreach_norm of each seed's gradients
+            # (K, P), float32: the watcher's _foreach_norm of each seed's gradients
+            norms = self.net.row_norms(self.net.flat_grad)
             totals = torch.linalg.vector_norm(norms, dim=1)
             if self.window is None:
                 self.window = _Window(self.k, len(params))
             if tap is None:
                 self.window.fold(self.step, norms, totals)
                 return
-            weights = [params[i].detach().reshape(self.k, -1) for i in self.chosen]
             self.pending = {
                 "tap": tap, "norms": norms, "totals": totals,
-                "weight_norms": torch.stack([torch.linalg.vector_norm(w, dim=1) for w in weights], 1),
+                "weight_norms": self.net.row_norms(self.net.flat.detach())[:, self.chosen],
                 "tracked": [(lid, self._tracked(lid, params)) for lid, layer in enumerate(self.net.layers)
                             if layer.params],
                 "before": [self._update_sample(i, params) for i in self.chosen],
@@ -854,7 +906,7 @@ def run_group(
         models = [build_model(entry.model, d.input_shape, d.n_classes, seed=t.seed)
                   for d, t in zip(data, tasks, strict=True)]
         net = _StackedMLP(models)
-        optimizer = _optimizer(train, net.parameters())
+        optimizer = net.optimizer(train)
         orders = [torch.Generator().manual_seed(t.seed) for t in tasks]
         with RunStore(tasks[0].store) as store:
             recorder = _Recorder(net, store, tasks, train.every, optimizer)
@@ -882,7 +934,7 @@ def _train(net: _StackedMLP, optimizer: torch.optim.Optimizer, recorder: _Record
     accs: list[float] = []
     for epoch in range(1, train.epochs + 1):
         for xb, yb in _epoch_batches(x_train, y_train, orders, train.batch_size):
-            optimizer.zero_grad(set_to_none=True)
+            net.zero_grad()
             tap = _Tap(net, recorder.samples) if recorder.logged() else None
             losses = _seed_losses(net.forward(xb, training=True, tap=tap), yb)
             losses.sum().backward()  # seed k's slice of each gradient is dL_k / d(its parameters)
