@@ -58,6 +58,27 @@ def test_roundtrip_metrics_scalars_nan_inf(store):
     assert list(store.metrics(run, layers=["act"]).layer) == ["act"]
 
 
+def test_scalars_equal_the_pandas_pivot_of_the_rows(store):
+    """The wide scalars table: steps ascending, names sorted, NaN where a name has no value."""
+    import pandas as pd
+
+    run = store.create_run("r")
+    other = store.create_run("other")
+    rows = [(7, "zeta", 1.0), (3, "loss", 2.5), (7, "loss", None), (12, "alpha", -math.inf),
+            (0, "loss", 0.25), (3, "alpha", 4.0)]
+    store.add_scalars(run, rows)
+    store.add_scalars(other, [(5, "loss", 9.0)])
+    store.flush()
+    expected = (pd.DataFrame(rows, columns=["step", "name", "value"]).astype({"value": "float64"})
+                .pivot(index="step", columns="name", values="value").reset_index())
+    expected.columns.name = None
+    pd.testing.assert_frame_equal(store.scalars(run), expected)
+    assert list(store.scalars(run).columns) == ["step", "alpha", "loss", "zeta"]
+    losses = expected[["step", "loss"]].iloc[[0, 1, 2]].reset_index(drop=True)  # step 12 has no loss
+    pd.testing.assert_frame_equal(store.scalars(run, names=["loss"]), losses)
+    assert store.scalars(run, names=["missing"]).columns.tolist() == ["step"]
+
+
 def test_query_errors(store):
     run = store.create_run("r")
     with pytest.raises(RunNotFoundError, match=r"no run 42 in .*latest runs: 1 \(r\)"):

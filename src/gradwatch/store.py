@@ -640,16 +640,16 @@ class RunStore:
         if isinstance(run, str) and run.strip().isdigit():
             key = int(run)
         if isinstance(key, int):
-            df = self._query("SELECT id FROM runs WHERE id = ?", (key,))
+            found = self._rows("SELECT id FROM runs WHERE id = ?", (key,))
         else:
-            df = self._query("SELECT id FROM runs WHERE name = ? ORDER BY id DESC LIMIT 1", (key,))
-        if df.empty:
+            found = self._rows("SELECT id FROM runs WHERE name = ? ORDER BY id DESC LIMIT 1", (key,))
+        if not found:
             known = self._query("SELECT id, name FROM runs ORDER BY id DESC LIMIT 8")
             listing = ", ".join(f"{r.id} ({r.name})" for r in known.itertuples()) or "none"
             raise RunNotFoundError(
                 f"no run {run!r} in {self.path}; latest runs: {listing} (see `gradwatch runs`)"
             )
-        return int(df.iloc[0, 0])
+        return int(found[0][0])
 
     def runs(self) -> pd.DataFrame:
         """One row per run: id, name, status, created_at, finished_at, steps, config (dict).
@@ -756,12 +756,18 @@ class RunStore:
         if names is not None:
             sql += f" AND name IN ({', '.join('?' * len(names))})"
             params += list(names)
-        df = self._query(sql, params)
-        if df.empty:
+        rows = self._rows(sql, params)
+        if not rows:
             return pd.DataFrame({"step": pd.Series(dtype="int64")})
-        wide = df.pivot(index="step", columns="name", values="value").reset_index()
-        wide.columns.name = None
-        return wide.astype({c: "float64" for c in wide.columns if c != "step"})
+        # What df.pivot(index="step", columns="name", values="value") gives (steps ascending,
+        # names sorted, NaN where a name has no value at a step), arranged by numpy: the
+        # primary key (run_id, name, step) makes each cell's value unique.
+        steps, step_of = np.unique(np.array([r[0] for r in rows], dtype=np.int64), return_inverse=True)
+        names = sorted({r[1] for r in rows})
+        column = {name: j for j, name in enumerate(names)}
+        wide = np.full((len(steps), len(names)), np.nan)
+        wide[step_of, [column[r[1]] for r in rows]] = np.array([r[2] for r in rows], dtype=np.float64)
+        return pd.DataFrame({"step": steps, **{name: wide[:, j] for j, name in enumerate(names)}})
 
     def weight_samples(self, run: int | str) -> pd.DataFrame:
         """Tracked individual weights: ``step, layer_id, layer, index, value`` (empty if none)."""
