@@ -79,6 +79,22 @@ def test_scalars_equal_the_pandas_pivot_of_the_rows(store):
     assert store.scalars(run, names=["missing"]).columns.tolist() == ["step"]
 
 
+def test_weight_array_stores_what_weight_samples_store(store):
+    import numpy as np
+
+    a, b = store.create_run("a"), store.create_run("b")
+    store.add_layers(a, [(0, "fc1", "Linear", "param", None), (2, "fc2", "Linear", "param", None)])
+    store.add_layers(b, [(0, "fc1", "Linear", "param", None), (2, "fc2", "Linear", "param", None)])
+    lids, where, values = [0, 0, 2], [5, 9, 1], [0.5, math.nan, -2.25]
+    store.add_weight_samples(a, [(4, lid, idx, v) for lid, idx, v in zip(lids, where, values, strict=True)])
+    store.add_weight_array(b, 4, np.array(lids), np.array(where), np.array(values, dtype=np.float32))
+    store.flush()
+    assert store.weight_samples(a).equals(store.weight_samples(b))
+    assert math.isnan(store.weight_samples(b)["value"].iloc[1])  # NULL, read back as NaN
+    with pytest.raises(StoreError, match="3 layer ids, 2 indices and 3 values of tracked weights"):
+        store.add_weight_array(b, 5, lids, where[:2], np.array(values))
+
+
 def test_query_errors(store):
     run = store.create_run("r")
     with pytest.raises(RunNotFoundError, match=r"no run 42 in .*latest runs: 1 \(r\)"):

@@ -209,6 +209,9 @@ _INSERT_LAYER_METRICS = (
     f"INSERT OR REPLACE INTO layer_metrics(run_id, step, layer_id, {', '.join(LAYER_METRICS)}, flags) "
     f"VALUES ({', '.join('?' * (len(LAYER_METRICS) + 4))})"
 )
+_INSERT_WEIGHT_SAMPLES = (
+    "INSERT OR REPLACE INTO weight_samples(run_id, step, layer_id, idx, value) VALUES (?, ?, ?, ?, ?)"
+)
 _FLAG_BITS = np.array([1 << i for i in range(len(LAYER_METRICS))], dtype=np.int64)
 
 
@@ -513,11 +516,29 @@ class RunStore:
     def add_weight_samples(self, run_id: int, rows: Iterable[tuple[int, int, int, float | None]]) -> None:
         """Queue ``(step, layer_id, index, value)`` rows of tracked individual weights."""
         out = [(run_id, step, layer_id, idx, _clean(value)) for step, layer_id, idx, value in rows]
-        self._writer_or_start().put(
-            "INSERT OR REPLACE INTO weight_samples(run_id, step, layer_id, idx, value) "
-            "VALUES (?, ?, ?, ?, ?)",
-            out,
-        )
+        self._writer_or_start().put(_INSERT_WEIGHT_SAMPLES, out)
+
+    def add_weight_array(
+        self, run_id: int, step: int, layer_ids: Sequence[int], indices: Sequence[int], values: np.ndarray
+    ) -> None:
+        """Queue one step's tracked weights from parallel sequences: the fast path of
+        :meth:`add_weight_samples` (``values[j]`` is element ``indices[j]`` of layer ``layer_ids[j]``'s
+        weight; NaN is stored as NULL).
+        """
+        values = np.asarray(values, dtype=np.float64).reshape(-1)
+        if not len(layer_ids) == len(indices) == len(values):
+            raise StoreError(
+                f"{len(layer_ids)} layer ids, {len(indices)} indices and {len(values)} values of tracked "
+                f"weights; expected one of each per weight"
+            )
+        cells = values.astype(object)
+        cells[np.isnan(values)] = None
+        # sqlite binds Python ints, not numpy's
+        ids = layer_ids.tolist() if isinstance(layer_ids, np.ndarray) else layer_ids
+        where = indices.tolist() if isinstance(indices, np.ndarray) else indices
+        out = list(zip(itertools.repeat(run_id), itertools.repeat(step), ids, where, cells.tolist()))
+        if out:
+            self._writer_or_start().put(_INSERT_WEIGHT_SAMPLES, out)
 
     def finish_run(self, run_id: int, status: str = "finished", error: str | None = None) -> None:
         """Flush every queued row, then mark the run ``finished``, ``failed`` or ``stopped``.

@@ -371,6 +371,7 @@ class Watcher:
         self._activation_sample_size = activation_sample
         self._weight_samples = weight_samples
         self._tracked_index: dict[int, list[int]] = {}
+        self._tracked_columns: tuple[list[int], list[int]] | None = None  # _tracked_index as two columns
         self._samples: dict[tuple, Tensor | None] = {}
         # (kind, layer id) -> whether its statistics can wait for the end of the forward: False
         # once its tensor was changed in place after the hook (see _flush_pending)
@@ -868,6 +869,7 @@ class Watcher:
             lid = self._layer_id(layer)
             spec.append((lid, k, where))
             self._tracked_index[lid] = [start + q for q in where]
+            self._tracked_columns = None
         return spec
 
     def _sampled_weight_stats(self, record: _Step, weights: list[Tensor]) -> None:
@@ -1267,13 +1269,11 @@ class Watcher:
         written = np.flatnonzero(present.any(axis=1))
         self.store.add_layer_array(self.run_id, step, written, table[written], present[written])
         if plan["tracked"] is not None:
-            values = host[plan["tracked"]].tolist()
-            rows, k = [], 0
-            for lid, elements in self._tracked_index.items():
-                for element in elements:
-                    rows.append((step, lid, element, values[k]))
-                    k += 1
-            self.store.add_weight_samples(self.run_id, rows)
+            if self._tracked_columns is None:
+                index = self._tracked_index
+                self._tracked_columns = ([lid for lid, elements in index.items() for _ in elements],
+                                         [element for elements in index.values() for element in elements])
+            self.store.add_weight_array(self.run_id, step, *self._tracked_columns, host[plan["tracked"]])
         deltas = table[:, _METRIC_INDEX["delta_rms"]]
         has_delta = present[:, _METRIC_INDEX["delta_rms"]]
         return record, {int(lid): float(deltas[lid]) for lid in np.flatnonzero(has_delta)}, first_bad

@@ -735,7 +735,9 @@ class _Recorder:
         grads = pending["norms"].tolist()
         applied = pending["totals"].tolist()  # the norm the optimizer applied: the lab does not clip
         totals = torch.stack([window.total_max, window.total_min, window.bad_max], 1).tolist()
-        tracked = [(lid, values.tolist()) for lid, values in pending["tracked"]]
+        tracked_lids = [lid for lid, _ in pending["tracked"] for _ in self.tracked_index[lid]]
+        tracked_elements = [element for lid, _ in pending["tracked"] for element in self.tracked_index[lid]]
+        tracked_values = torch.cat([values for _, values in pending["tracked"]], 1).numpy()  # (K, weights)
         now = time.time()
         for k, run_id in enumerate(self.run_ids):
             t_max, t_min, bad_max = totals[k]
@@ -753,11 +755,7 @@ class _Recorder:
                 scalars.append((step, "lr", pending["lr"]))
             scalars.append((step, "wall_time", now))
             self.store.add_layer_array(run_id, step, written, table[k], present[k])
-            self.store.add_weight_samples(run_id, [
-                (step, lid, element, values[k][j])
-                for lid, values in tracked
-                for j, element in enumerate(self.tracked_index[lid])
-            ])
+            self.store.add_weight_array(run_id, step, tracked_lids, tracked_elements, tracked_values[k])
             self.store.add_scalars(run_id, scalars)
 
     def _layer_table(self, pending: dict[str, Any], tap: _Tap, window: _Window
