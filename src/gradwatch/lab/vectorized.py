@@ -23,19 +23,24 @@ layer, and Adam amplifies that within a few steps (see :class:`_BatchedLinear`);
 batched Linear here is bitwise the per-seed one, so K vectorized runs store the
 numbers K sequential runs store, not merely close ones.
 
-Measured (``bench/results/vectorized.json``, 2 cores, 1 torch thread, median of 5
+The stacked parameters are views of one flat tensor and their gradients of another, so the
+optimizer steps one tensor (Adam's update terms are a few ops for all seeds and layers, and
+bitwise the per-parameter updates: Adam is elementwise).
+
+Measured (``bench/results/vectorized.json``, 2 cores, 1 torch thread, median of 5-7
 interleaved rounds): a group of 5 seeds finishes 2.1-3.5x faster than the 5 runs one after
 another, and the per-configuration medians move by +-0.5 between runs on the development VM
-(session 5: narrow depth-10 ReLU 3.49x, depth-10 sigmoid 2.76x, depth 2 2.60x, depth 20 with
-batch norm 2.21x; session 6: 2.67x / 2.18x / 3.11x / 2.14x). The target was 3x: each
-configuration but the batch-norm one meets it in some runs, none in every run. The bound is
-the 5 seeds' bare training step, 2.0-5.0x faster batched (same benchmark): batching shares
-the per-op overhead, not the matrix products and elementwise work of the deeper
+(narrow depth-10 ReLU / depth-10 sigmoid / depth 2 / depth 20 with batch norm: session 5
+3.49x / 2.76x / 2.60x / 2.21x; session 6 2.67x / 2.18x / 3.11x / 2.14x; session 7 3.07x /
+2.35x / 2.92x / 2.21x). The target was 3x: the shallow and the narrow configurations meet it
+in some runs, depth 10 and the batch-norm network in none. The bound is the 5 seeds' bare
+training step, 2.0-5.0x faster batched (same benchmark; depth 10 2.7x in session 7): batching
+shares the per-op overhead, not the matrix products and elementwise work of the deeper
 configurations, and the batch norm over (N, K x width) needs a transposed copy of each
-layer's output. With batch norm the group's training steps take 2.1-2.4 s against 4.0-4.8 s
-for the 5 runs, and the rest (telemetry of the logged steps, evaluation, data, store rows)
-0.86 s against 2.1-2.5 s. The whole ``seed`` lab
-(3 seeds, 2 workers) was 1.7x faster in an earlier measurement (118 s -> 69 s).
+layer's output. With batch norm (session 7) the group's training steps take 1.3 s against
+3.1 s for the 5 runs, and the rest (telemetry of the logged steps, evaluation, data, store
+rows) 0.77 s against 1.57 s. The whole ``seed`` lab (3 seeds, 2 workers) was 1.7x faster in
+an earlier measurement (118 s -> 69 s).
 
 What is recorded mirrors :class:`gradwatch.watch.Watcher` with the lab's settings
 (``every`` from the config, activation sample 2048, 8 tracked weights, the
