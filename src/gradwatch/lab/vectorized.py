@@ -611,6 +611,7 @@ class _Recorder:
         self.step = 0
         self.samples: dict[tuple, Tensor | None] = {}
         self.tracked_index: dict[int, list[int]] = {}
+        self.tracked_columns: tuple[list[int], list[int]] | None = None
         self.window: _Window | None = None
         self.chosen = sorted({i for layer in net.layers for i in layer.params})
         self.position = {i: j for j, i in enumerate(self.chosen)}  # parameter index -> slot in chosen
@@ -740,8 +741,10 @@ class _Recorder:
         grads = pending["norms"].tolist()
         applied = pending["totals"].tolist()  # the norm the optimizer applied: the lab does not clip
         totals = torch.stack([window.total_max, window.total_min, window.bad_max], 1).tolist()
-        tracked_lids = [lid for lid, _ in pending["tracked"] for _ in self.tracked_index[lid]]
-        tracked_elements = [element for lid, _ in pending["tracked"] for element in self.tracked_index[lid]]
+        if self.tracked_columns is None:  # the layer ids and element indices of the values' columns
+            lids = [lid for lid, _ in pending["tracked"]]
+            self.tracked_columns = ([lid for lid in lids for _ in self.tracked_index[lid]],
+                                    [element for lid in lids for element in self.tracked_index[lid]])
         tracked_values = torch.cat([values for _, values in pending["tracked"]], 1).numpy()  # (K, weights)
         now = time.time()
         for k, run_id in enumerate(self.run_ids):
@@ -760,7 +763,7 @@ class _Recorder:
                 scalars.append((step, "lr", pending["lr"]))
             scalars.append((step, "wall_time", now))
             self.store.add_layer_array(run_id, step, written, table[k], present[k])
-            self.store.add_weight_array(run_id, step, tracked_lids, tracked_elements, tracked_values[k])
+            self.store.add_weight_array(run_id, step, *self.tracked_columns, tracked_values[k])
             self.store.add_scalars(run_id, scalars)
 
     def _layer_table(self, pending: dict[str, Any], tap: _Tap, window: _Window
