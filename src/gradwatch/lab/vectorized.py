@@ -39,8 +39,10 @@ shares the per-op overhead, not the matrix products and elementwise work of the 
 configurations, and the batch norm over (N, K x width) needs a transposed copy of each
 layer's output. With batch norm (session 7) the group's training steps take 1.3 s against
 3.1 s for the 5 runs, and the rest (telemetry of the logged steps, evaluation, data, store
-rows) 0.77 s against 1.57 s. The whole ``seed`` lab (3 seeds, 2 workers) was 1.7x faster in
-an earlier measurement (118 s -> 69 s).
+rows) 0.77 s against 1.57 s. The whole ``seed`` lab (26 configurations x 3 seeds, 2 workers)
+takes 16.5 s against 24.2 s without vectorizing (1.47x, session 7; 118 s -> 69 s in an
+earlier session with longer runs): groups of K = 3, the lab's fixed costs (worker processes,
+report), and a sequential lab keeps both workers busy too.
 
 What is recorded mirrors :class:`gradwatch.watch.Watcher` with the lab's settings
 (``every`` from the config, activation sample 2048, 8 tracked weights, the
