@@ -7,8 +7,7 @@ weights fixed (lr = 0) and one batch, every step's statistics must equal the fir
 
 import numpy as np
 import torch
-from conftest import mlp
-from test_watch import MixedLayouts, resnet
+from conftest import MixedLayouts, mlp, resnet
 from torch import nn
 
 import gradwatch

@@ -7,16 +7,12 @@ import warnings
 
 import pytest
 import torch
-from conftest import mlp
+from conftest import mlp, rel
 from torch import nn
 
 import gradwatch
 from gradwatch.alerts import Alert
 from gradwatch.errors import ConfigError, TrainingStopped
-
-
-def rel(a: float, b: float) -> float:
-    return abs(a - b) / max(abs(b), 1e-30)
 
 
 def batches(n: int, batch: int = 32, d_in: int = 8, d_out: int = 3, seed: int = 0):

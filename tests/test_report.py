@@ -5,8 +5,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import shutil
 import sys
 import time
 import types
@@ -15,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import chrome as _chrome
 from matplotlib.figure import Figure
 from torch import nn
 from typer.testing import CliRunner
@@ -459,34 +458,6 @@ def test_page_is_self_contained_escaped_and_has_every_section(page):
     assert "http://" not in text and "https://" not in text  # nothing fetched at view time
     assert text.count("<img src='data:image/png;base64,") == len(SECTIONS)
     assert text.count("<figcaption>") == len(SECTIONS)
-
-
-def _chrome(tmp_path, width, height):
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.service import Service
-
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (chromium and driver):
-        message = "Debian's chromium and chromium-driver are needed (make test installs them)"
-        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--hide-scrollbars",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}",
-        f"--window-size={width},{height}",
-    ):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(options=options, service=Service(driver))
 
 
 def _pixels(png: bytes) -> np.ndarray:

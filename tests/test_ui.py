@@ -9,9 +9,7 @@ import base64
 import http.client
 import io
 import math
-import os
 import queue
-import shutil
 import socket
 import sqlite3
 import subprocess
@@ -22,6 +20,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import chrome as _chrome
 from typer.testing import CliRunner
 
 from gradwatch.cli import app
@@ -448,34 +447,6 @@ TRAINER = textwrap.dedent(
         time.sleep(0.3)
     """
 )
-
-
-def _chrome(tmp_path):
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.service import Service
-
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (chromium and driver):
-        message = "Debian's chromium and chromium-driver are needed (make test installs them)"
-        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--hide-scrollbars",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}",
-        "--window-size=1280,1600",
-    ):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(options=options, service=Service(driver))
 
 
 def _until(fn, timeout: float, what: str):

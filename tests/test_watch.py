@@ -5,7 +5,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import mlp, train_steps
+from conftest import MixedLayouts, mlp, rel, resnet, train_steps
 from torch import nn
 
 import gradwatch
@@ -25,10 +25,6 @@ def hook_count(model: nn.Module) -> int:
         ):
             total += len(d)
     return total
-
-
-def rel(a: float, b: float) -> float:
-    return abs(a - b) / max(abs(b), 1e-30)
 
 
 # -- numbers against references ---------------------------------------------------
@@ -146,37 +142,6 @@ def test_deep_sigmoid_shows_the_decay(store):
     assert deltas[0] / deltas[-1] < 1e-8  # twenty factors of at most 0.25 each
     per_layer = np.exp(-np.mean(np.diff(np.log(deltas[:-1]))))  # factor per layer toward the input
     assert per_layer < 1 / 4  # backwards through one sigmoid layer: at most 1/4 per derivative
-
-
-class BasicBlock(nn.Module):
-    """A ResNet basic block with in-place ReLUs (as torchvision's)."""
-
-    def __init__(self, channels: int, inplace: bool = True) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(channels)
-        self.relu = nn.ReLU(inplace=inplace)
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(channels)
-
-    def forward(self, x):
-        identity = x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        out += identity
-        return self.relu(out)
-
-
-def resnet(inplace: bool) -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1),
-        nn.ReLU(inplace=inplace),
-        BasicBlock(8, inplace),
-        BasicBlock(8, inplace),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8, 10),
-    )
 
 
 def test_resnet_with_inplace_relu_matches_out_of_place(tmp_path):
@@ -706,27 +671,6 @@ def test_the_sampled_weight_path_reads_what_the_one_buffer_path_reads(store, mon
     np.testing.assert_allclose(m2["update_ratio"], m1["update_ratio"], rtol=1e-6)
     assert s2["index"].tolist() == s1["index"].tolist() and len(s1) == 3 * 2 * 8
     np.testing.assert_allclose(s2["value"], s1["value"], rtol=0, atol=0)
-
-
-class MixedLayouts(nn.Module):
-    """Outputs of both of _square_sum's paths in one step: contiguous float32 (torch.dot on the
-    CPU), a transposed (non-contiguous) view (the norm kernel, squared on the host), float64."""
-
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Linear(6, 12)
-        self.t = TransposedLinear(12, 12)
-        self.d = nn.Linear(12, 4).double()
-
-    def forward(self, x):
-        h = torch.tanh(self.a(x))
-        h = torch.tanh(self.t(h).t())  # back to (batch, features)
-        return self.d(h.double()).float()
-
-
-class TransposedLinear(nn.Linear):
-    def forward(self, x):
-        return super().forward(x).t()  # a non-contiguous output, and its gradient
 
 
 def test_output_moments_and_deltas_exact_on_every_layout(store):
