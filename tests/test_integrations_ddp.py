@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.integration  # two processes under torchrun
+
 STEPS = 24  # every step logged, on two processes writing one store at once
 
 

@@ -35,6 +35,7 @@ def _dead_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.integration
 def test_an_address_that_does_not_answer_fails_after_a_bounded_wait():
     assert not ray.is_initialized()
     address = f"127.0.0.1:{_dead_port()}"
@@ -68,6 +69,7 @@ def _frames(store, run_id):
     return store.metrics(run_id), scalars.drop(columns="wall_time"), store.layers(run_id)
 
 
+@pytest.mark.integration
 def test_ray_backend_matches_the_local_backend(cluster, tmp_path):
     local = run_lab(GRID, out=tmp_path / "local", backend=InProcessBackend())
     events = []

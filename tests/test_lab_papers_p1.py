@@ -126,17 +126,12 @@ def test_terminal_summary_and_report_show_the_paper_table(paper_lab, monkeypatch
 # --- Shapeset-3x2 ----------------------------------------------------------------------------
 
 
-def test_shapeset_is_deterministic_balanced_and_fast():
-    import time
-
+def test_shapeset_is_deterministic_and_balanced():
     import numpy as np
 
     from gradwatch.lab.shapeset import SHAPESET_CLASSES, make_shapeset
 
-    start = time.perf_counter()
-    x, y = make_shapeset(3000, seed=7)
-    seconds = time.perf_counter() - start
-    assert seconds < 5.0  # ~0.5 s on an idle core; generous for a loaded CI machine
+    x, y = make_shapeset(3000, seed=7)  # its time: bench/wallclock.py
     assert x.shape == (3000, 1, 32, 32) and x.dtype == np.float32 and y.dtype == np.int64
     assert len(SHAPESET_CLASSES) == 9 and set(np.unique(y)) == set(range(9))
     counts = np.bincount(y, minlength=9)

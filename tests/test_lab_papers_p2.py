@@ -164,7 +164,12 @@ def test_dying_relu_preset_small(tmp_path):
     assert w10.mean < 0.01
     sections = _sections(tmp_path)
     assert "dying-relu" in sections and "ioffe2015" not in sections and "resnet2016" not in sections
-    assert isinstance(papers_figures.dying_relu_figure(rp.load(lab_dir=tmp_path)), Figure)
+    fig = papers_figures.dying_relu_figure(rp.load(lab_dir=tmp_path))
+    assert isinstance(fig, Figure)
+    # left panel: our Monte Carlo point at each width is the paper table's mean
+    points = [c.lines[0] for c in fig.axes[0].containers]
+    ours = {float(p.get_xdata()[0]): float(p.get_ydata()[0]) for p in points}
+    assert ours == pytest.approx({2.0: w2.mean, 10.0: w10.mean})
 
 
 @pytest.mark.slow
@@ -186,7 +191,13 @@ def test_ioffe_preset_small(tmp_path):
         steps, acc = ioffe2015.epoch_accuracies(store, bn_run)
         assert list(steps) == [24.0 * e for e in range(1, 7)] and acc.max() > 0.85
     data = rp.load(lab_dir=tmp_path)
-    assert isinstance(papers_figures.ioffe_figure(data), Figure)
+    fig = papers_figures.ioffe_figure(data)
+    assert isinstance(fig, Figure)
+    # panel (a): one accuracy curve per configuration, the BN net's the epochs' accuracies
+    curves = fig.axes[0].get_lines()
+    assert len(curves) == len(result.summaries)
+    assert any(list(c.get_xdata()) == list(steps) and list(c.get_ydata()) == pytest.approx(list(acc))
+               for c in curves)
     assert "of the steps the no-BN net needs" in papers_figures.ioffe_caption(data)
 
 
@@ -205,5 +216,11 @@ def test_resnet_preset_small(tmp_path):
         losses = resnet2016.final_train_loss(deep, store)
         assert len(losses) == 1 and 0 < losses[0] < 10
     data = rp.load(lab_dir=tmp_path)
-    assert isinstance(papers_figures.resnet_figure(data), Figure)
+    fig = papers_figures.resnet_figure(data)
+    assert isinstance(fig, Figure)
+    # right panel: one delta-ratio curve per configuration, the deep plain net's the one above
+    curves = {c.get_label(): c for c in fig.axes[2].get_lines() if not c.get_label().startswith("_")}
+    assert sorted(curves) == ["plain 24", "plain 4", "residual 24", "residual 4"]
+    assert list(curves["plain 24"].get_xdata()) == list(steps)
+    assert list(curves["plain 24"].get_ydata()) == pytest.approx(list(ratio), nan_ok=True)
     assert "the δ grows toward the input" in papers_figures.resnet_caption(data)  # not vanishing

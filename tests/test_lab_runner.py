@@ -58,7 +58,7 @@ def tiny_lab(tmp_path_factory):
     return run_lab(TINY, out=out, workers=2, notify=events.append), events
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_runs_follow_the_lab_contract(tiny_lab):
     result, events = tiny_lab
     assert result.ran == 4 and result.resumed == 0 and not result.failed
@@ -99,7 +99,7 @@ def test_runs_follow_the_lab_contract(tiny_lab):
     assert not absent["held"] and "t/absent" in absent["evidence"]
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_resume_skips_finished_runs(tiny_lab):
     result, _ = tiny_lab
     before = {c.config_key: c.run_ids for c in result.summaries}
@@ -147,7 +147,7 @@ def _default_sigint() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_ctrl_c_stops_cleanly_and_keeps_finished_runs(tmp_path):
     grid = tmp_path / "grid.json"
     grid.write_text(json.dumps(_SIGINT_GRID))
@@ -237,7 +237,7 @@ def test_cli_bad_input_fails_before_training(tmp_path, argv, message):
     assert not (tmp_path / "out" / "gradwatch.db").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_cli_end_to_end(tmp_path):
     grid = tmp_path / "g.json"
     grid.write_text(json.dumps({"name": "mini", "grid": [

@@ -229,7 +229,7 @@ def _mini_grid(tmp_path) -> str:
     return str(grid)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_cli_vectorizes_the_seeds_by_default(tmp_path):
     out = tmp_path / "lab"
     argv = ["lab", "--preset", _mini_grid(tmp_path), "--seeds", "2", "--workers", "1", "--out", str(out)]

@@ -400,7 +400,7 @@ def test_compiled_model_records_parameter_metrics_with_one_warning(store):
     assert store.scalars(w.run_id).total_grad_norm.notna().all()
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_compiled_model_with_inductor(store):
     torch._dynamo.reset()
     w, _, norms = compiled_run(store, "inductor")

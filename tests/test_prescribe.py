@@ -1,7 +1,6 @@
 import json
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
@@ -237,12 +236,10 @@ def lab_sigmoid20():
     return build_model(ModelConfig(depth=20, activation="sigmoid"), 64, 10)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_a_seed_fix_wins_on_the_20_layer_sigmoid_mlp():
-    start = time.perf_counter()
     table = prescribe(lab_sigmoid20, load_dataset("digits"), steps=200, workers=2, progress=False)
-    elapsed = time.perf_counter() - start
-    assert isinstance(table, PrescriptionTable) and elapsed <= 60, elapsed
+    assert isinstance(table, PrescriptionTable)  # its time: bench/wallclock.py
     top = table.rows[0]
     assert top.rank == 1 and top.name in SEED_FIXES, [(p.name, p.measurements.get("loss")) for p in table]
     assert top.measurements["loss"] < 0.25 * table.baseline.loss  # 2.3 unchanged

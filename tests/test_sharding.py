@@ -285,6 +285,7 @@ def fsdp_run(tmp_path_factory):
     return tmp, result
 
 
+@pytest.mark.integration
 def test_fsdp2_parameters_are_sharded_dtensors_with_uneven_shards(fsdp_run):
     _, result = fsdp_run
     for rank in (0, 1):
@@ -294,6 +295,7 @@ def test_fsdp2_parameters_are_sharded_dtensors_with_uneven_shards(fsdp_run):
         assert norms["local_rows"] == ([8, 8, 8, 8, 2, 2] if rank == 0 else [8, 8, 8, 8, 1, 1])
 
 
+@pytest.mark.integration
 def test_global_norms_equal_unsharded_gradient_and_weight_norms(fsdp_run):
     _, result = fsdp_run
     ranks = [result("norms", r) for r in (0, 1)]
@@ -304,6 +306,7 @@ def test_global_norms_equal_unsharded_gradient_and_weight_norms(fsdp_run):
     assert ranks[0]["grad"] == ranks[1]["grad"] and ranks[0]["weight"] == ranks[1]["weight"]
 
 
+@pytest.mark.integration
 def test_global_norms_and_take_use_one_collective_per_process_group(fsdp_run):
     _, result = fsdp_run
     for rank in (0, 1):
@@ -311,6 +314,7 @@ def test_global_norms_and_take_use_one_collective_per_process_group(fsdp_run):
         assert result("norms", rank)["collectives"] == [3] * STEPS
 
 
+@pytest.mark.integration
 def test_global_take_reads_the_full_tensors_elements(fsdp_run):
     _, result = fsdp_run
     for rank in (0, 1):
@@ -319,6 +323,7 @@ def test_global_take_reads_the_full_tensors_elements(fsdp_run):
         assert max(norms["take_diff"]) < 1e-5  # and to the unsharded reference's (after Adam)
 
 
+@pytest.mark.integration
 def test_replicate_counted_once_partial_reduced_2d_meshes(fsdp_run):
     _, result = fsdp_run
     for rank in (0, 1):
@@ -355,12 +360,14 @@ def _assert_norms_match(reference, sharded) -> None:
     np.testing.assert_allclose(scalars["total_grad_norm"], ref_scalars["total_grad_norm"], rtol=1e-5)
 
 
+@pytest.mark.integration
 def test_watcher_records_unsharded_norms_on_rank0(fsdp_run):
     """grad_norm, weight_norm and total_grad_norm of FSDP2 parameters, weight samples off."""
     tmp, result = fsdp_run
     _assert_norms_match(*_watched(tmp, result, "norms"))
 
 
+@pytest.mark.integration
 def test_watcher_with_weight_samples_and_update_ratio_on_rank0(fsdp_run):
     """The default watcher: also update_ratio and the tracked weight elements equal the unsharded run's."""
     tmp, result = fsdp_run

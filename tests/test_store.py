@@ -140,6 +140,7 @@ WRITER = textwrap.dedent(
 )
 
 
+@pytest.mark.integration
 def test_several_processes_write_one_store_without_losing_rows(store_path, tmp_path):
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
@@ -179,6 +180,7 @@ KILLED = textwrap.dedent(
 )
 
 
+@pytest.mark.integration
 def test_sigkill_mid_run_leaves_a_readable_store(store_path, tmp_path):
     script = tmp_path / "killed.py"
     script.write_text(KILLED)

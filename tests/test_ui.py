@@ -362,6 +362,7 @@ def _raw_get(port: int, path: str) -> tuple[int, bytes]:
     return r.status, r.read()
 
 
+@pytest.mark.integration
 def test_real_server_streams_rows_and_serves_only_its_static_files(ui_store):
     path, plain, _ = ui_store
     with serve_in_background(path, port=0) as server:
@@ -460,6 +461,7 @@ def _until(fn, timeout: float, what: str):
         time.sleep(0.02)
 
 
+@pytest.mark.integration
 def test_page_follows_a_training_process_live(ui_store, tmp_path):
     from matplotlib.image import imread
     from selenium.common.exceptions import NoAlertPresentException

@@ -448,6 +448,7 @@ def test_exception_inside_context_marks_run_failed_and_keeps_rows(store):
     assert hook_count(model) == 0
 
 
+@pytest.mark.integration
 def test_memory_flat_over_5000_steps(store):
     import gc
     import tracemalloc
