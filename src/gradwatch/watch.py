@@ -64,31 +64,25 @@ from torch.utils.hooks import RemovableHandle
 from gradwatch.activations import Activation, activation_for_module
 from gradwatch.alerts import Action, Alert, resolve_alerts
 from gradwatch.errors import ConfigError, GradientWarning, TrainingStopped, WatchError
-from gradwatch.stats import (
-    ACTIVATION_STATS,
-    activation_inputs,
-    batched_region_stats,
-    input_quantiles,
-    region_stats_rows,
-    sample_index,
-    tracked_positions,
-    unit_dim,
-    weight_block,
+from gradwatch.recorder import (
+    DEFAULT_EVERY,
+    ActivationCalls,
+    LayerRows,
+    ParamLayout,
+    Window,
+    activation_stat_rows,
+    gradwatch_config,
+    step_scalars,
+    tracked_columns,
+    tracked_elements,
 )
-from gradwatch.store import LAYER_METRICS, RunStore
+from gradwatch.stats import activation_inputs, sample_index, unit_dim, weight_block
+from gradwatch.store import RunStore
 
 __all__ = ["watch", "Watcher", "DEFAULT_EVERY"]
 
-# Log every 50th step by default (Lightning's log_every_n_steps; wandb.watch's log_freq is
-# 1,000): a logged step costs about one unwatched step on a small CPU model, and the
-# window keeps every step's gradient-norm extremes in between.
-DEFAULT_EVERY = 50
 # Steps closed without being written (unlogged steps with logged values) wait at most this long.
 _MAX_WAITING_STEPS = 256
-# The window folds its steps' norm vectors into running extremes this many at a time.
-_WINDOW_CHUNK = 64
-_METRIC_INDEX = {name: i for i, name in enumerate(LAYER_METRICS)}
-_QUANTILE_METRICS = ("input_q15", "input_q50", "input_q85")  # stats.INPUT_QUANTILES
 _CONV_TYPES = (nn.modules.conv._ConvNd,)
 _ACCUMULATE = (torch.float32, torch.float64)  # dtypes whose sums and norms are taken as they are
 # Deferred outputs and activation inputs are measured once they hold this many bytes, at the
@@ -152,65 +146,6 @@ class _Step:
     skipped: bool = False  # a GradScaler skipped the optimizer step (inf/NaN): recorded, not data
     applied_norm: Tensor | None = None  # total norm the optimizer applied (after unscaling, clipping)
     grad_versions: list[tuple[int, int]] | None = None  # (id, _version) of each grad at the norms
-
-
-class _Window:
-    """Extremes of the per-step gradient norms since the last logged step, on device.
-
-    A step adds its norm vector to a list (no op); the list is folded into the
-    running extremes (a dozen ops for all of its steps at once) when the window is
-    read at a logged step or when it holds :data:`_WINDOW_CHUNK` steps. A step on
-    which some parameters had no gradient is folded at once, by index.
-    """
-
-    def __init__(self, n: int, device: torch.device) -> None:
-        self.device = device
-        self.max = torch.full((n,), -math.inf, device=device)
-        self.min = torch.full((n,), math.inf, device=device)
-        self.first_bad = torch.full((n,), -1, dtype=torch.int64, device=device)
-        self.total_max = torch.full((), -math.inf, device=device)
-        self.total_min = torch.full((), math.inf, device=device)
-        self.bad_max = torch.zeros((), device=device)
-        self.steps = 0
-        self._pending: list[Tensor] = []  # full norm vectors of the steps not folded yet
-        self._pending_steps: list[int] = []
-
-    def add(self, step: int, norms: Tensor, index: Tensor | None) -> None:
-        """Add one step's per-parameter norms (of the parameters ``index``; None: all)."""
-        self.steps += 1
-        if index is None:
-            self._pending.append(norms)
-            self._pending_steps.append(step)
-            if len(self._pending) >= _WINDOW_CHUNK:
-                self.fold()
-            return
-        self.fold()
-        bad = ~torch.isfinite(norms)
-        total = torch.linalg.vector_norm(norms)
-        self.max.index_copy_(0, index, torch.maximum(self.max.index_select(0, index), norms))
-        self.min.index_copy_(0, index, torch.minimum(self.min.index_select(0, index), norms))
-        first = self.first_bad.index_select(0, index)
-        self.first_bad.index_copy_(0, index, first.masked_fill_((first < 0) & bad, step))
-        torch.maximum(self.total_max, total, out=self.total_max)
-        torch.minimum(self.total_min, total, out=self.total_min)
-        torch.maximum(self.bad_max, bad.sum().float(), out=self.bad_max)
-
-    def fold(self) -> None:
-        """Fold the pending steps into the running extremes (NaN propagates, as in torch.maximum)."""
-        if not self._pending:
-            return
-        norms = torch.stack(self._pending)  # (steps, parameters)
-        steps = torch.tensor(self._pending_steps, device=self.device)
-        self._pending, self._pending_steps = [], []
-        bad = ~torch.isfinite(norms)
-        totals = torch.linalg.vector_norm(norms, dim=1)
-        torch.maximum(self.max, norms.amax(0), out=self.max)
-        torch.minimum(self.min, norms.amin(0), out=self.min)
-        first = steps.index_select(0, bad.to(torch.uint8).argmax(0))  # the first bad step of each
-        self.first_bad.copy_(torch.where((self.first_bad < 0) & bad.any(0), first, self.first_bad))
-        torch.maximum(self.total_max, totals.amax(), out=self.total_max)
-        torch.minimum(self.total_min, totals.amin(), out=self.total_min)
-        torch.maximum(self.bad_max, bad.sum(1).amax().float(), out=self.bad_max)
 
 
 class _Blocks:
@@ -382,7 +317,7 @@ class Watcher:
         self._alerts = resolve_alerts(alerts, warn)
         self._thresholds = thresholds
         self._window_setting = window  # None: see _window_on
-        self._window: _Window | None = None
+        self._window: Window | None = None
         self._present_index: dict[tuple[int, ...], Tensor] = {}
         # A compiled model (torch.compile) runs its layers inside a graph: hooks there would
         # break it, so only the parameter-level metrics are recorded (see watch()).
@@ -857,15 +792,13 @@ class Watcher:
         """
         if not self._weight_samples:
             return []
-        spans = self._spans(weights)
         spec = []
         for layer in self._layers:
             if not layer.params:
                 continue
             k = self._chosen_pos[layer.params[0]]
-            start, length = spans[k]
-            seed = len(layer.name) * 7919 + weights[k].numel()
-            where = tracked_positions(length, self._weight_samples, seed=seed)
+            start, where = tracked_elements(layer.name, weights[k].numel(), layer.params[0],
+                                            self._weight_samples)
             lid = self._layer_id(layer)
             spec.append((lid, k, where))
             self._tracked_index[lid] = [start + q for q in where]
@@ -986,39 +919,23 @@ class Watcher:
     # -- closing a step: one transfer, rows to the store -------------------------
 
     @staticmethod
-    def _region_stats(record: _Step, gather: _Gather) -> list[tuple[list[int], int]]:
+    def _region_stats(record: _Step, gather: _Gather) -> list[tuple[list[int], _Handle]]:
         """Region statistics of every activation call of the step, one batch per activation kind.
 
         Returns ``(layer ids of the calls, handle)`` per kind; the handle's values are
-        row-major ``(calls, 7)``: :data:`ACTIVATION_STATS`, then the input quantiles.
+        row-major ``(calls, 7)`` (:func:`gradwatch.recorder.activation_stat_rows`).
         """
         groups: dict[tuple, list[tuple[list[int], Activation, Tensor, Tensor, bool]]] = defaultdict(list)
         for kept in record.act_kept:
             activation, inputs = kept[1], kept[2]
             groups[(activation.key, inputs.device)].append(kept)
         out = []
-        with torch.no_grad():
-            for members in groups.values():
-                members.sort(key=lambda kept: kept[2].ndim)  # single calls (1-D) first, then rows
-                lids = [lid for kept in members for lid in kept[0]]
-                activation = members[0][1]
-                if (
-                    len({kept[2].shape[-1] for kept in members}) == 1
-                    and len({kept[3].shape[-1] for kept in members}) == 1
-                    and not any(kept[4] for kept in members)
-                ):  # the usual case: one (calls, n) matrix
-                    inputs, units = _rows([kept[2] for kept in members]), _rows([kept[3] for kept in members])
-                    regions = region_stats_rows(inputs, units, activation)
-                else:
-                    calls = [
-                        (x, u, kept[4])
-                        for kept in members
-                        for x, u in (zip(kept[2], kept[3], strict=True) if kept[2].ndim == 2 else [kept[2:4]])
-                    ]
-                    regions = batched_region_stats(calls, activation)
-                    inputs = [x for x, _, _ in calls]
-                stats = torch.cat([regions, input_quantiles(inputs)], 1)
-                out.append((lids, gather.add(stats)))
+        for members in groups.values():
+            members.sort(key=lambda kept: kept[2].ndim)  # single calls (1-D) first, then rows
+            calls = ActivationCalls(members[0][1], [m[2] for m in members], [m[3] for m in members],
+                                    [m[4] for m in members])
+            lids = [lid for kept in members for lid in kept[0]]
+            out.append((lids, gather.add(activation_stat_rows(calls))))
         return out
 
     def _close_step(self, *, write: bool = False) -> None:
@@ -1044,7 +961,7 @@ class Watcher:
         if window is None or window.device != norms.device:
             if window is not None:
                 window.fold()
-            window = self._window = _Window(len(self._params), norms.device)
+            window = self._window = Window((len(self._params),), norms.device)
         present = record.grad_present
         if len(present) == len(self._params):
             index = None
@@ -1130,7 +1047,7 @@ class Watcher:
             "max": gather.add(window.max),
             "min": gather.add(window.min),
             "first_bad": gather.add(window.first_bad),
-            "totals": gather.add(torch.stack([window.total_max, window.total_min, window.bad_max])),
+            "totals": gather.add(window.totals()),
         }
 
     def _param_layout(self, has_grad: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -1180,103 +1097,50 @@ class Watcher:
             has_grad[record.grad_present] = True
             grad[record.grad_present] = host[plan["grad"]]
         window = plan["window"]
-        if window is not None:
-            w_max, w_min = host[window["max"]], host[window["min"]]
-            in_window = w_max != -math.inf  # NaN counts: the parameter had a (bad) gradient
-        else:
-            in_window = np.zeros(n_params, dtype=bool)
+        w_max = host[window["max"]] if window is not None else None
+        in_window = w_max != -math.inf if w_max is not None else np.zeros(n_params, dtype=bool)
         params, lids, slots = self._param_layout(has_grad | in_window)
-        n = self._next_layer_id
-        table = np.full((n, len(LAYER_METRICS)), np.nan)
-        present = np.zeros((n, len(LAYER_METRICS)), dtype=bool)
-
-        def put(metric: str, values: np.ndarray, where: np.ndarray) -> None:
-            col = _METRIC_INDEX[metric]
-            table[where, col] = values[where]
-            present[where, col] = True
-
-        def per_layer(ids: list[int] | np.ndarray, weights: np.ndarray) -> np.ndarray:
-            return np.bincount(ids, weights=weights, minlength=n)
-
+        layout = ParamLayout(params, lids, slots)
+        rows = LayerRows(1, self._next_layer_id)
         if plan["deltas"] is not None:
-            ids = [lid for lid, *_ in record.deltas]
-            count = per_layer(ids, np.array([c for _, c, *_ in record.deltas], dtype=np.float64))
-            sq = per_layer(ids, _squares(host[plan["deltas"]], [s for *_, s in record.deltas]) * unscale)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                put("delta_rms", np.sqrt(sq / count), count > 0)
+            rows.add_deltas(0, [lid for lid, *_ in record.deltas], [c for _, c, *_ in record.deltas],
+                            _squares(host[plan["deltas"]], [s for *_, s in record.deltas]) * unscale)
         if plan["moments"] is not None:
             at, ids, counts, squared = plan["moments"]
             pairs = host[at].reshape(-1, 2)
-            count = per_layer(ids, np.array(counts, dtype=np.float64))
-            square_sums = _squares(pairs[:, 1], squared)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                mean = per_layer(ids, pairs[:, 0]) / count
-                std = np.sqrt(np.maximum(per_layer(ids, square_sums) / count - mean * mean, 0.0))
-            put("output_mean", mean, count > 0)
-            put("output_std", std, count > 0)
+            rows.add_moments(0, ids, counts, pairs[:, 0], _squares(pairs[:, 1], squared))
         for ids, at in plan["acts"]:
-            stats = host[at].reshape(len(ids), -1)  # calls x (ACTIVATION_STATS + input quantiles)
-            calls = per_layer(ids, np.ones(len(ids)))
-            for k, metric in enumerate(ACTIVATION_STATS + _QUANTILE_METRICS):
-                with np.errstate(invalid="ignore", divide="ignore"):
-                    mean = per_layer(ids, stats[:, k]) / calls
-                where = calls > 0
-                if metric == "saturated_frac":  # NaN: not applicable (no flat tails), not non-finite
-                    where = where & ~np.isnan(mean)
-                put(metric, mean, where)
-
+            rows.add_activations(0, ids, host[at].reshape(len(ids), -1))
         if plan["grad"] is not None:
-            present_grads = grad[record.grad_present]
-            scalars.append((step, "total_grad_norm", float(np.sqrt(np.sum(present_grads**2)))))
-            scalars.append((step, "nonfinite_grads", float(np.sum(~np.isfinite(present_grads)))))
-            layer_has = per_layer(lids, has_grad[params].astype(np.float64)) > 0
-            put("grad_norm", np.sqrt(per_layer(lids, grad[params] ** 2)), layer_has)
-            if plan["weight"] is not None:
-                weight = host[plan["weight"]]
-                put("weight_norm", np.sqrt(per_layer(lids, weight[slots] ** 2)), layer_has)
-                if plan["update"] is not None:
-                    update = host[plan["update"]].reshape(2, -1)
-                    moved = np.sqrt(per_layer(lids, update[0][slots] ** 2))
-                    before = np.sqrt(per_layer(lids, update[1][slots] ** 2))
-                    with np.errstate(invalid="ignore", divide="ignore"):
-                        ratio = np.where(before != 0, moved / np.where(before != 0, before, 1.0), np.inf)
-                    put("update_ratio", ratio, layer_has)
-        if plan["applied"] is not None:
-            scalars.append((step, "clipped_grad_norm", host.scalar(plan["applied"])))
+            weight = host[plan["weight"]][None] if plan["weight"] is not None else None
+            update = host[plan["update"]].reshape(2, -1) if plan["update"] is not None else None
+            rows.add_params(layout, grad[None], has_grad[None], weight,
+                            *((update[0][None], update[1][None]) if update is not None else (None, None)))
         first_bad: dict[int, int] = {}
         if window is not None:
-            t_max, t_min, bad_max = host[window["totals"]].tolist()
-            scalars += [
-                (step, "total_grad_norm_max", t_max),
-                (step, "total_grad_norm_min", t_min),
-                (step, "nonfinite_grads_max", bad_max),
-                (step, "window_steps", float(window["steps"])),
-            ]
+            rows.add_window(layout, w_max[None], host[window["min"]][None])
             bad_at = host[window["first_bad"]]
             first_bad = {int(i): int(bad_at[i]) for i in np.flatnonzero(bad_at >= 0)}
-            layer_in = per_layer(lids, in_window[params].astype(np.float64)) > 0
-            hi = np.where(in_window, w_max, 0.0)[params]  # a parameter without a gradient adds nothing
-            lo = np.where(np.isposinf(w_min), 0.0, w_min)[params]
-            put("grad_norm_max", np.sqrt(per_layer(lids, hi**2)), layer_in)
-            put("grad_norm_min", np.sqrt(per_layer(lids, lo**2)), layer_in)
         elif plan["grad"] is not None:  # no window: the logged step's own gradients
             first_bad = {int(i): step for i in np.flatnonzero(has_grad & ~np.isfinite(grad))}
         lr = plan["lr"]
-        if lr is not None:
-            scalars.append((step, "lr", host.scalar(lr) if isinstance(lr, _Handle) else lr))
-        scalars.append((step, "wall_time", plan["time"]))
-
-        written = np.flatnonzero(present.any(axis=1))
-        self.store.add_layer_array(self.run_id, step, written, table[written], present[written])
+        (globals_,) = step_scalars(
+            step,
+            grad=grad[None] if plan["grad"] is not None else None,
+            has_grad=has_grad[None],
+            applied=[host.scalar(plan["applied"])] if plan["applied"] is not None else None,
+            window=host[window["totals"]][None] if window is not None else None,
+            window_steps=window["steps"] if window is not None else 0,
+            lr=host.scalar(lr) if isinstance(lr, _Handle) else lr,
+            wall_time=plan["time"],
+        )
+        scalars += globals_
+        self.store.add_layer_array(self.run_id, step, *rows.rows())
         if plan["tracked"] is not None:
             if self._tracked_columns is None:
-                index = self._tracked_index
-                self._tracked_columns = ([lid for lid, elements in index.items() for _ in elements],
-                                         [element for elements in index.values() for element in elements])
+                self._tracked_columns = tracked_columns(self._tracked_index)
             self.store.add_weight_array(self.run_id, step, *self._tracked_columns, host[plan["tracked"]])
-        deltas = table[:, _METRIC_INDEX["delta_rms"]]
-        has_delta = present[:, _METRIC_INDEX["delta_rms"]]
-        return record, {int(lid): float(deltas[lid]) for lid in np.flatnonzero(has_delta)}, first_bad
+        return record, rows.deltas(), first_bad
 
     # -- alerts ------------------------------------------------------------------
 
@@ -1736,15 +1600,10 @@ def watch(
         run_store, owns = RunStore(store), True
     name = run_name or f"{type(model).__name__}-{time.strftime('%Y%m%d-%H%M%S')}"
     full_config = dict(config or {})
-    full_config.setdefault(
-        "gradwatch",
-        {
-            "every": every if isinstance(every, int) else getattr(every, "__name__", "callable"),
-            "model": type(model).__name__,
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "optimizer": type(optimizer).__name__ if optimizer is not None else None,
-        },
-    )
+    full_config.setdefault("gradwatch", gradwatch_config(
+        every, type(model).__name__, sum(p.numel() for p in model.parameters()),
+        type(optimizer).__name__ if optimizer is not None else None,
+    ))
     try:
         watcher = Watcher(
             model,
