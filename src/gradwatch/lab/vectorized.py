@@ -62,7 +62,6 @@ Configurations it does not cover (the CNN) run one seed at a time, as before:
 
 from __future__ import annotations
 
-import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -92,17 +91,22 @@ from gradwatch.lab.runner import (
     _diagnose,
     _optimizer,
 )
-from gradwatch.stats import (
-    ACTIVATION_STATS,
-    activation_inputs,
-    batched_region_stats,
-    input_quantiles,
-    moments_from_sums,
-    sample_index,
-    tracked_positions,
-    weight_block,
+from gradwatch.recorder import (
+    ACTIVATION_METRICS,
+    ACTIVATION_SAMPLE,
+    WEIGHT_SAMPLES,
+    ActivationCalls,
+    LayerRows,
+    ParamLayout,
+    Window,
+    activation_stat_rows,
+    gradwatch_config,
+    step_scalars,
+    tracked_columns,
+    tracked_elements,
 )
-from gradwatch.store import LAYER_METRICS, RunStore
+from gradwatch.stats import activation_inputs, sample_index, weight_block
+from gradwatch.store import RunStore
 
 __all__ = [
     "SeedGroup",
@@ -113,18 +117,6 @@ __all__ = [
     "plan_runs",
     "run_group",
 ]
-
-# The watcher's settings in a lab run (watch() defaults; see gradwatch.watch).
-_ACTIVATION_SAMPLE = 2048
-_WEIGHT_SAMPLES = 8
-_QUANTILE_METRICS = ("input_q15", "input_q50", "input_q85")  # stats.INPUT_QUANTILES
-_METRIC_INDEX = {name: i for i, name in enumerate(LAYER_METRICS)}
-_DELTA, _MEAN, _STD, _SATURATED = (_METRIC_INDEX[m] for m in ("delta_rms", "output_mean", "output_std",
-                                                             "saturated_frac"))
-_GRAD, _WEIGHT, _UPDATE, _GRAD_MAX, _GRAD_MIN = (
-    _METRIC_INDEX[m] for m in ("grad_norm", "weight_norm", "update_ratio", "grad_norm_max", "grad_norm_min"))
-_ACTIVATION_SLOTS = [_METRIC_INDEX[m] for m in ACTIVATION_STATS + _QUANTILE_METRICS]
-
 
 def vectorize_reason(entry: GridEntry) -> str | None:
     """Why ``entry``'s seeds cannot train as one batched network; None when they can."""
@@ -533,7 +525,7 @@ class _Tap:
         k, n, width = x.shape
         key = ("activation", lid, n * width)
         if key not in self.samples:
-            self.samples[key] = sample_index(n * width, _ACTIVATION_SAMPLE, x.device, seed=lid)
+            self.samples[key] = sample_index(n * width, ACTIVATION_SAMPLE, x.device, seed=lid)
         sample = self.samples[key]
         # (N, width): units along the last dimension, as the watcher's pre-hook after a Linear
         if activation.peak is None:
@@ -554,57 +546,13 @@ class _Tap:
 # --- recording ---------------------------------------------------------------------------------
 
 
-def _combine(values: Sequence[float]) -> float | None:
-    """``sqrt(sum v^2)`` of per-parameter norms (the watcher's combination), None if none."""
-    return math.sqrt(sum(v * v for v in values)) if values else None
-
-
-def _group_norms(values: np.ndarray, groups: Sequence[Sequence[int]]) -> np.ndarray:
-    """:func:`_combine` of each group of columns of (K, n) float64 ``values``: (K, len(groups)).
-
-    The squares are added in the group's order from 0, as Python's ``sum`` adds them.
-    """
-    if all(len(group) == 1 for group in groups):  # the lab's layers: one weight each
-        return np.sqrt(values[:, [group[0] for group in groups]] ** 2)
-    out = np.zeros((values.shape[0], len(groups)))
-    for j, group in enumerate(groups):
-        for i in group:
-            out[:, j] += values[:, i] ** 2
-    return np.sqrt(out)
-
-
-class _Window:
-    """Per-seed running extremes of the gradient norms since the last logged step.
-
-    The watcher's window, with a leading seed dimension: (K, parameters) and (K,) tensors.
-    """
-
-    def __init__(self, k: int, n: int) -> None:
-        self.max = torch.full((k, n), -math.inf)
-        self.min = torch.full((k, n), math.inf)
-        self.first_bad = torch.full((k, n), -1, dtype=torch.int64)
-        self.total_max = torch.full((k,), -math.inf)
-        self.total_min = torch.full((k,), math.inf)
-        self.bad_max = torch.zeros(k)
-        self.steps = 0
-
-    def fold(self, step: int, norms: Tensor, totals: Tensor) -> None:
-        torch.maximum(self.max, norms, out=self.max)
-        torch.minimum(self.min, norms, out=self.min)
-        torch.maximum(self.total_max, totals, out=self.total_max)
-        torch.minimum(self.total_min, totals, out=self.total_min)
-        finite = torch.isfinite(norms)
-        # The batched path runs on the CPU, where this check costs no device sync; with every
-        # norm finite the count of bad ones is 0 and bad_max (>= 0) keeps its value.
-        if not bool(finite.all()):
-            bad = ~finite
-            self.first_bad.masked_fill_((self.first_bad < 0) & bad, step)
-            torch.maximum(self.bad_max, bad.sum(1).float(), out=self.bad_max)
-        self.steps += 1
+def _host(tensor: Tensor) -> np.ndarray:
+    """A CPU tensor as float64 (float32 -> float64 is exact)."""
+    return tensor.numpy().astype(np.float64)
 
 
 class _Recorder:
-    """Writes K runs as K watchers would: same layers, metrics, scalars and tracked weights."""
+    """Writes K runs through :mod:`gradwatch.recorder`, as K watchers would."""
 
     def __init__(self, net: _StackedMLP, store: RunStore, tasks: Sequence[RunTask], every: int,
                  optimizer: torch.optim.Optimizer) -> None:
@@ -614,21 +562,20 @@ class _Recorder:
         self.samples: dict[tuple, Tensor | None] = {}
         self.tracked_index: dict[int, list[int]] = {}
         self.tracked_columns: tuple[list[int], list[int]] | None = None
-        self.window: _Window | None = None
+        self.window: Window | None = None
         self.chosen = sorted({i for layer in net.layers for i in layer.params})
-        self.position = {i: j for j, i in enumerate(self.chosen)}  # parameter index -> slot in chosen
-        # the parameterised layers' ids, and per layer its parameter indices and their slots in chosen
-        param_layers = [(lid, layer) for lid, layer in enumerate(net.layers) if layer.kind == "param"]
-        self.param_table = ([lid for lid, _ in param_layers], [layer.params for _, layer in param_layers],
-                            [[self.position[i] for i in layer.params] for _, layer in param_layers])
+        position = {i: j for j, i in enumerate(self.chosen)}  # parameter index -> slot in chosen
+        entries = [(i, lid, position[i]) for lid, layer in enumerate(net.layers) if layer.kind == "param"
+                   for i in layer.params]
+        table = np.array(entries, dtype=np.int64).reshape(-1, 3)
+        self.layout = ParamLayout(table[:, 0], table[:, 1], table[:, 2])
         self.run_ids: list[int] = []
         parameters = sum(p[0].numel() for p in net.params.values())
-        optimizer_name = type(optimizer).__name__
         for task in tasks:
             config = task.config()
             # what watch() stores, and how this run was recorded: the one difference from run_task's
-            config["gradwatch"] = {"every": every, "model": "MLP", "parameters": parameters,
-                                   "optimizer": optimizer_name, "vectorized": True}
+            config["gradwatch"] = gradwatch_config(every, "MLP", parameters, type(optimizer).__name__,
+                                                   vectorized=True)
             self.run_ids.append(store.create_run(task.run_name, config))
         for run_id in self.run_ids:
             store.add_layers(run_id, [
@@ -652,14 +599,14 @@ class _Recorder:
             params = self.net.parameters()
             # (K, P), float32: the watcher's _foreach_norm of each seed's gradients
             norms = self.net.row_norms(self.net.flat_grad)
-            totals = torch.linalg.vector_norm(norms, dim=1)
             if self.window is None:
-                self.window = _Window(self.k, len(params))
+                self.window = Window((self.k, len(params)))
+            self.window.add(self.step, norms)
             if tap is None:
-                self.window.fold(self.step, norms, totals)
                 return
             self.pending = {
-                "tap": tap, "norms": norms, "totals": totals,
+                "tap": tap, "norms": norms,
+                "applied": torch.linalg.vector_norm(norms, dim=1),  # the lab does not clip
                 "weight_norms": self.net.row_norms(self.net.flat.detach())[:, self.chosen],
                 "tracked": [(lid, self._tracked(lid, params)) for lid, layer in enumerate(self.net.layers)
                             if layer.params],
@@ -668,18 +615,13 @@ class _Recorder:
             }
 
     def _tracked(self, lid: int, params: list[Tensor]) -> Tensor:
-        """The watcher's tracked weight elements of layer ``lid``, per seed (K, count).
-
-        As ``Watcher._tracked_spec``: fixed random positions inside the weight's
-        update-ratio block (:func:`gradwatch.stats.tracked_positions`).
-        """
+        """The watcher's tracked weight elements of layer ``lid``, per seed (K, count)."""
         layer = self.net.layers[lid]
         i = layer.params[0]
         flat = params[i].detach().reshape(self.k, -1)
         key = ("tracked", layer.name, flat.shape[1])
         if key not in self.samples:
-            start, length = weight_block(flat.shape[1], i)
-            where = tracked_positions(length, _WEIGHT_SAMPLES, seed=len(layer.name) * 7919 + flat.shape[1])
+            start, where = tracked_elements(layer.name, flat.shape[1], i, WEIGHT_SAMPLES)
             index = torch.tensor([start + q for q in where], dtype=torch.int64)
             self.samples[key] = index
             self.tracked_index[lid] = index.tolist()  # flat element indices, as the store keeps them
@@ -700,12 +642,12 @@ class _Recorder:
                 params = self.net.parameters()
                 after = [self._update_sample(i, params) for i in self.chosen]
                 before = pending["before"]
-                diffs = [torch.linalg.vector_norm(a - b, dim=1) for a, b in zip(after, before, strict=True)]
-                # ||w_after - w_before|| / ||w_before||, both on the same sample of elements
-                pending["update"] = torch.stack(diffs, 1)
-                pending["sampled"] = torch.stack([torch.linalg.vector_norm(b, dim=1) for b in before], 1)
+                # ||w_after - w_before|| and ||w_before||, both on the same block of elements
+                pending["moved"] = torch.stack([torch.linalg.vector_norm(a - b, dim=1)
+                                                for a, b in zip(after, before, strict=True)], 1)
+                pending["before"] = torch.stack([torch.linalg.vector_norm(b, dim=1) for b in before], 1)
             assert self.window is not None
-            self.window.fold(self.step, pending["norms"], pending["totals"])
+            self.window.fold()
             pending["window"], self.window = self.window, None
             self._write_logged(self.step, pending)
             self.pending = None
@@ -728,88 +670,48 @@ class _Recorder:
     # -- one logged step's rows ------------------------------------------------------------------
 
     def _write_logged(self, step: int, pending: dict[str, Any]) -> None:
-        """Bring a logged step's values to the host and queue each run's rows.
-
-        Each seed's layer rows are one (layers x LAYER_METRICS) array, as the watcher
-        writes them (:meth:`RunStore.add_layer_array`): float64 arithmetic on the float32
-        statistics, the same IEEE operations in the same order as Python floats, so the
-        stored numbers are the same bits.
-        """
-        tap: _Tap = pending["tap"]
-        window: _Window = pending["window"]
-        table, present = self._layer_table(pending, tap, window)
-        written = np.flatnonzero(present.any(axis=(0, 2)))
-        table, present = table[:, written], present[:, written]
-        grads = pending["norms"].tolist()
-        applied = pending["totals"].tolist()  # the norm the optimizer applied: the lab does not clip
-        totals = torch.stack([window.total_max, window.total_min, window.bad_max], 1).tolist()
+        """Bring a logged step's values to the host and queue each run's rows."""
+        window: Window = pending["window"]
+        rows = self._layer_rows(pending, pending["tap"], window)
+        grads = _host(pending["norms"])
+        scalars = step_scalars(step, grad=grads, applied=pending["applied"].tolist(),
+                               window=_host(window.totals()), window_steps=window.steps,
+                               lr=pending["lr"], wall_time=time.time())
         if self.tracked_columns is None:  # the layer ids and element indices of the values' columns
             lids = [lid for lid, _ in pending["tracked"]]
-            self.tracked_columns = ([lid for lid in lids for _ in self.tracked_index[lid]],
-                                    [element for lid in lids for element in self.tracked_index[lid]])
+            self.tracked_columns = tracked_columns({lid: self.tracked_index[lid] for lid in lids})
         tracked_values = torch.cat([values for _, values in pending["tracked"]], 1).numpy()  # (K, weights)
-        now = time.time()
         for k, run_id in enumerate(self.run_ids):
-            t_max, t_min, bad_max = totals[k]
-            grad = grads[k]
-            scalars: list[tuple[int, str, float | None]] = [
-                (step, "total_grad_norm", _combine(grad)),
-                (step, "nonfinite_grads", float(sum(not math.isfinite(g) for g in grad))),
-                (step, "clipped_grad_norm", applied[k]),
-                (step, "total_grad_norm_max", t_max),
-                (step, "total_grad_norm_min", t_min),
-                (step, "nonfinite_grads_max", bad_max),
-                (step, "window_steps", float(window.steps)),
-            ]
-            if pending["lr"] is not None:
-                scalars.append((step, "lr", pending["lr"]))
-            scalars.append((step, "wall_time", now))
-            self.store.add_layer_array(run_id, step, written, table[k], present[k])
+            self.store.add_layer_array(run_id, step, *rows.rows(k))
             self.store.add_weight_array(run_id, step, *self.tracked_columns, tracked_values[k])
-            self.store.add_scalars(run_id, scalars)
+            self.store.add_scalars(run_id, scalars[k])
 
-    def _layer_table(self, pending: dict[str, Any], tap: _Tap, window: _Window
-                     ) -> tuple[np.ndarray, np.ndarray]:
-        """Every seed's per-layer values of a logged step: (K, layers, LAYER_METRICS) values and presence."""
-        k, n_layers = self.k, len(self.net.layers)
-        table = np.full((k, n_layers, len(LAYER_METRICS)), np.nan)
-        present = np.zeros(table.shape, dtype=bool)
-
-        def put(lids: Sequence[int] | np.ndarray, slot: int, values: np.ndarray) -> None:
-            table[:, lids, slot] = values
-            present[:, lids, slot] = True
-
-        def host(tensor: Tensor) -> np.ndarray:  # float32 -> float64 is exact
-            return tensor.numpy().astype(np.float64)
-
-        if tap.delta_sq:  # delta_rms = sqrt(||dL/d output||^2 / elements)
+    def _layer_rows(self, pending: dict[str, Any], tap: _Tap, window: Window) -> LayerRows:
+        """Every seed's per-layer values of a logged step, from the tap's and the step's sums."""
+        rows = LayerRows(self.k, len(self.net.layers))
+        runs = np.arange(self.k)[:, None]
+        if tap.delta_sq:
             lids = list(tap.delta_sq)
-            squares = host(torch.stack([tap.delta_sq[lid] for lid in lids], 1))
-            counts = np.array([tap.counts[lid] for lid in lids], dtype=np.float64)
-            put(lids, _DELTA, np.sqrt(squares / counts))
-        for lid, sums in tap.moments.items():
-            for seed, (total, norm) in enumerate(sums.tolist()):
-                table[seed, lid, [_MEAN, _STD]] = moments_from_sums(total, norm**2, tap.counts[lid])
-            present[:, lid, [_MEAN, _STD]] = True
+            squares = _host(torch.stack([tap.delta_sq[lid] for lid in lids], 1))  # (K, layers)
+            counts = np.broadcast_to(np.array([tap.counts[lid] for lid in lids], dtype=np.float64),
+                                     squares.shape)
+            rows.add_deltas(runs, lids, counts, squares)
+        if tap.moments:
+            lids = list(tap.moments)
+            sums = _host(torch.stack([tap.moments[lid] for lid in lids], 1))  # (K, layers, [sum, norm])
+            counts = np.broadcast_to(np.array([tap.counts[lid] for lid in lids], dtype=np.float64),
+                                     sums.shape[:2])
+            rows.add_moments(runs, lids, counts, sums[..., 0], sums[..., 1] ** 2)
         seeds, lids, stats = self._activation_stats(tap)
         if len(lids):
-            table[seeds[:, None], lids[:, None], _ACTIVATION_SLOTS] = stats
-            present[seeds[:, None], lids[:, None], _ACTIVATION_SLOTS] = True
-            # NaN saturated_frac means "not applicable" here (no flat tails), not a non-finite value
-            present[seeds, lids, _SATURATED] = ~np.isnan(stats[:, _ACTIVATION_SLOTS.index(_SATURATED)])
-        lids, params, slots = self.param_table
-        put(lids, _GRAD, _group_norms(host(pending["norms"]), params))
-        put(lids, _WEIGHT, _group_norms(host(pending["weight_norms"]), slots))
-        moved = _group_norms(host(pending["update"]), slots)
-        before = _group_norms(host(pending["sampled"]), slots)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            put(lids, _UPDATE, np.where(before != 0, moved / np.where(before != 0, before, 1.0), math.inf))
-        put(lids, _GRAD_MAX, _group_norms(host(window.max), params))
-        put(lids, _GRAD_MIN, _group_norms(host(window.min), params))
-        return table, present
+            rows.add_activations(seeds, lids, stats)
+        rows.add_params(self.layout, _host(pending["norms"]), np.ones(pending["norms"].shape, dtype=bool),
+                        _host(pending["weight_norms"]), _host(pending["moved"]), _host(pending["before"]))
+        rows.add_window(self.layout, _host(window.max), _host(window.min))
+        return rows
 
     def _activation_stats(self, tap: _Tap) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(seeds, layer ids, ACTIVATION_STATS then the input quantiles): one batch per activation kind."""
+        """(seeds, layer ids, :func:`activation_stat_rows`): one batch per activation kind."""
         groups: dict[tuple, list[tuple[int, int, tuple[Tensor, Tensor, bool]]]] = defaultdict(list)
         layers = self.net.layers
         for lid, per_seed in tap.kept:
@@ -819,16 +721,16 @@ class _Recorder:
         seeds: list[int] = []
         lids: list[int] = []
         rows: list[Tensor] = []
-        with torch.no_grad():
-            for members in groups.values():
-                activation = layers[members[0][1]].activation
-                assert activation is not None
-                kept = [kept for _, _, kept in members]
-                rows.append(torch.cat([batched_region_stats(kept, activation),
-                                       input_quantiles([k[0] for k in kept])], 1))
-                seeds += [k for k, _, _ in members]
-                lids += [lid for _, lid, _ in members]
-        stats = torch.cat(rows).numpy().astype(np.float64) if rows else np.zeros((0, len(_ACTIVATION_SLOTS)))
+        for members in groups.values():
+            activation = layers[members[0][1]].activation
+            assert activation is not None
+            kept = [kept for _, _, kept in members]
+            calls = ActivationCalls(activation, [x for x, _, _ in kept], [u for _, u, _ in kept],
+                                    [d for _, _, d in kept])
+            rows.append(activation_stat_rows(calls))
+            seeds += [k for k, _, _ in members]
+            lids += [lid for _, lid, _ in members]
+        stats = torch.cat(rows).numpy().astype(np.float64) if rows else np.zeros((0, len(ACTIVATION_METRICS)))
         return np.array(seeds, dtype=np.int64), np.array(lids, dtype=np.int64), stats
 
     # -- the end ---------------------------------------------------------------------------------
