@@ -52,7 +52,7 @@ import time
 import warnings
 import weakref
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +63,7 @@ from torch.utils.hooks import RemovableHandle
 
 from gradwatch.activations import Activation, activation_for_module
 from gradwatch.alerts import Action, Alert, resolve_alerts
+from gradwatch.config import Selector, WatchConfig, should_log
 from gradwatch.errors import ConfigError, GradientWarning, TrainingStopped, WatchError
 from gradwatch.recorder import (
     DEFAULT_EVERY,
@@ -221,40 +222,12 @@ def _first_grad_tensor(output: Any) -> Tensor | None:
     return None
 
 
-Selector = str | type | Iterable[str | type]
-
-
-def _selectors(value: Selector | None, what: str) -> list[str | type] | None:
-    if value is None:
-        return None
-    items = [value] if isinstance(value, (str, type)) else list(value)
-    for item in items:
-        if not isinstance(item, str) and not (isinstance(item, type) and issubclass(item, nn.Module)):
-            raise ConfigError(
-                f"{what} takes module-name patterns ('encoder.*') or nn.Module types (nn.Linear); "
-                f"got {item!r}"
-            )
-    return items
 
 
 def _matches(name: str, module: nn.Module, selectors: list[str | type]) -> bool:
     return any(
         fnmatch.fnmatchcase(name, s) if isinstance(s, str) else isinstance(module, s) for s in selectors
     )
-
-
-def _validate_every(every: int | Callable[[int], bool]) -> Callable[[int], bool]:
-    if callable(every):
-        return every
-    if isinstance(every, bool) or not isinstance(every, int):
-        raise ConfigError(
-            f"every={every!r}; expected a positive int (log every N-th step) or a callable step -> bool"
-        )
-    if every < 1:
-        raise ConfigError(
-            f"every={every}; expected a positive int: every=1 logs each step, every=10 each tenth"
-        )
-    return lambda step: step % every == 0
 
 
 class Watcher:
@@ -280,31 +253,23 @@ class Watcher:
         model: nn.Module,
         optimizer: torch.optim.Optimizer | None,
         *,
-        every: int | Callable[[int], bool],
+        settings: WatchConfig,
         store: RunStore,
         owns_store: bool,
         run_name: str,
         config: dict[str, Any],
-        activation_stats: bool,
-        warn: bool,
-        include: list[str | type] | None = None,
-        exclude: list[str | type] | None = None,
-        activation_sample: int = 2048,
-        weight_samples: int = 8,
         scaler: Any = None,
-        window: bool | None = None,
-        alerts: dict[str, Action] | None = None,
-        thresholds: Any = None,
     ) -> None:
         self.model = model
-        self._include, self._exclude = include, exclude
+        self.settings = settings
+        self._include, self._exclude = settings.include, settings.exclude
         self.optimizer = optimizer
         self.store = store
         self._owns_store = owns_store
-        self._should_log = _validate_every(every)
-        self._activation_stats = activation_stats
-        self._activation_sample_size = activation_sample
-        self._weight_samples = weight_samples
+        self._should_log = should_log(settings.every)
+        self._activation_stats = settings.activation_stats
+        self._activation_sample_size = settings.activation_sample
+        self._weight_samples = settings.weight_samples
         self._tracked_index: dict[int, list[int]] = {}
         self._tracked_columns: tuple[list[int], list[int]] | None = None  # _tracked_index as two columns
         self._samples: dict[tuple, Tensor | None] = {}
@@ -313,10 +278,9 @@ class Watcher:
         self._deferrable: dict[tuple[str, int], bool] = {}
         self._stack_buffers: dict[tuple, Tensor] = {}  # see _stack
         self._norm_plans: dict[tuple[int, ...], tuple[list[int], list[int], Tensor | None]] = {}  # see _norms
-        self._warn = warn
-        self._alerts = resolve_alerts(alerts, warn)
-        self._thresholds = thresholds
-        self._window_setting = window  # None: see _window_on
+        self._alerts = resolve_alerts(settings.alerts, settings.warn)
+        self._thresholds = settings.thresholds
+        self._window_setting = settings.window  # None: see _window_on
         self._window: Window | None = None
         self._present_index: dict[tuple[int, ...], Tensor] = {}
         # A compiled model (torch.compile) runs its layers inside a graph: hooks there would
@@ -1443,21 +1407,22 @@ def watch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
     *,
-    every: int | Callable[[int], bool] = DEFAULT_EVERY,
+    every: int | Callable[[int], bool] = WatchConfig.every,
     store: RunStore | str | None = None,
     run_name: str | None = None,
     config: dict[str, Any] | None = None,
-    activation_stats: bool = True,
-    warn: bool = True,
+    activation_stats: bool = WatchConfig.activation_stats,
+    warn: bool = WatchConfig.warn,
     include: Selector | None = None,
     exclude: Selector | None = None,
-    activation_sample: int = 2048,
-    weight_samples: int = 8,
+    activation_sample: int = WatchConfig.activation_sample,
+    weight_samples: int = WatchConfig.weight_samples,
     ui: bool | int = False,
     scaler: torch.amp.GradScaler | None = None,
     window: bool | None = None,
     alerts: Mapping[str, Action] | None = None,
     thresholds: Any = None,
+    settings: WatchConfig | None = None,
 ) -> Watcher:
     """Watch a model's gradient flow; returns a :class:`Watcher` (also a context manager).
 
@@ -1529,6 +1494,9 @@ def watch(
             Default: ``"warn"`` for each (``"ignore"`` with ``warn=False``). See
             :mod:`gradwatch.alerts`.
         thresholds: a :class:`gradwatch.diagnose.Thresholds` for the alerts. Default: its defaults.
+        settings: all of the recording options above at once, as a
+            :class:`~gradwatch.config.WatchConfig` (what the callbacks and the lab pass);
+            then leave those keyword arguments at their defaults.
 
     Recorded globally at each logged step, besides the above: ``total_grad_norm`` is
     the norm before clipping (at the end of the step's last backward pass), and with
@@ -1564,35 +1532,31 @@ def watch(
             f"optimizer must be a torch.optim.Optimizer; got {type(optimizer).__name__}. Pass "
             f"it as the second argument, or leave it out"
         )
-    _validate_every(every)
-    if isinstance(weight_samples, bool) or not isinstance(weight_samples, int) or weight_samples < 0:
-        raise ConfigError(f"weight_samples={weight_samples!r}; expected a count >= 0 (0: none)")
-    if isinstance(activation_sample, bool) or not isinstance(activation_sample, int) or activation_sample < 0:
-        raise ConfigError(
-            f"activation_sample={activation_sample!r}; expected a sample size >= 0 (0: every input)"
-        )
+    options = dict(every=every, activation_stats=activation_stats, warn=warn, include=include,
+                   exclude=exclude, activation_sample=activation_sample, weight_samples=weight_samples,
+                   window=window, alerts=alerts, thresholds=thresholds)
+    defaults = WatchConfig()
+    given = {k: v for k, v in options.items() if v is not getattr(defaults, k) and v != getattr(defaults, k)}
+    settings = WatchConfig.from_options(settings, given, where="watch()") if settings is not None \
+        else WatchConfig(**options)
     if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
         raise ConfigError(
             f"scaler must be a torch.amp.GradScaler; got {type(scaler).__name__}. Pass the scaler "
             f"whose scale(loss).backward() and step(optimizer) the loop calls"
         )
-    if window is not None and not isinstance(window, bool):
-        raise ConfigError(f"window={window!r}; expected True, False or None (on where it is cheap)")
-    resolve_alerts(alerts, warn)  # raises ConfigError on an unknown kind or action
     previous = _WATCHED.get(model)
     if previous is not None and previous() is not None and previous().attached:
         raise WatchError(
             f"this {type(model).__name__} is already watched by run {previous().run_id}; call "
             f"detach() on that watcher first (or use it as a context manager)"
         )
-    include_list = _selectors(include, "include")
-    exclude_list = _selectors(exclude, "exclude")
-    if include_list is not None:
+    if settings.include is not None:
         named = [(n or type(m).__name__.lower(), m) for n, m in model.named_modules()]
-        if not any(_matches(n, m, include_list) for n, m in named):
+        if not any(_matches(n, m, settings.include) for n, m in named):
             sample = ", ".join(n for n, _ in named[:8])
             raise ConfigError(
-                f"include={include!r} matches no module of the model; its modules: {sample}, ..."
+                f"include={include if include is not None else list(settings.include)!r} matches no "
+                f"module of the model; its modules: {sample}, ..."
             )
     if isinstance(store, RunStore):
         run_store, owns = store, False
@@ -1601,28 +1565,19 @@ def watch(
     name = run_name or f"{type(model).__name__}-{time.strftime('%Y%m%d-%H%M%S')}"
     full_config = dict(config or {})
     full_config.setdefault("gradwatch", gradwatch_config(
-        every, type(model).__name__, sum(p.numel() for p in model.parameters()),
+        settings.every, type(model).__name__, sum(p.numel() for p in model.parameters()),
         type(optimizer).__name__ if optimizer is not None else None,
     ))
     try:
         watcher = Watcher(
             model,
             optimizer,
-            every=every,
+            settings=settings,
             store=run_store,
             owns_store=owns,
             run_name=name,
             config=full_config,
-            activation_stats=activation_stats,
-            warn=warn,
-            include=include_list,
-            exclude=exclude_list,
-            activation_sample=activation_sample,
-            weight_samples=weight_samples,
             scaler=scaler,
-            window=window,
-            alerts=dict(alerts) if alerts is not None else None,
-            thresholds=thresholds,
         )
     except BaseException:
         if owns:

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from gradwatch.config import RUNTIME_OPTIONS, WatchConfig
 from gradwatch.errors import WatchError
 from gradwatch.integrations import MissingExtraError
 from gradwatch.integrations.ddp import IdleWatcher, watch_ddp
@@ -72,18 +73,19 @@ class GradwatchCallback(TrainerCallback):
     """Records a Hugging Face ``Trainer.train`` with :func:`gradwatch.watch`.
 
     Args:
-        every: log every N-th optimizer step, or a callable ``step -> bool``. Default: 10.
+        settings: how to record, a :class:`~gradwatch.config.WatchConfig` (the cadence
+            ``every`` counts optimizer steps; default 50, as :func:`~gradwatch.watch`). Or
+            give its fields as keyword arguments: ``GradwatchCallback(every=10)``.
         store: a :class:`~gradwatch.RunStore` or a path. Default: ``$GRADWATCH_STORE``,
             else ``./gradwatch-runs/gradwatch.db``.
         run_name: the run's name. Default: ``args.run_name`` when set, else the model's
             class name and the time.
         config: stored with the run; the model's config and the main training arguments
             are added under ``model_config`` and ``training_args``.
-        include, exclude: which modules to watch (see :func:`~gradwatch.watch`), e.g.
-            ``include="*.encoder.layer.*"``.
         diagnose: store :func:`gradwatch.diagnose` findings at the end. Default: True.
         all_ranks: under DDP, record every rank (one run each). Default: rank 0 only.
-        **watch_kwargs: further :func:`~gradwatch.watch` arguments.
+        **options: :class:`~gradwatch.config.WatchConfig` fields (``every``, ``include``,
+            ``exclude``, ...) and :func:`~gradwatch.watch`'s ``ui`` and ``scaler``.
 
     Attributes:
         watcher: the :class:`~gradwatch.Watcher` while training, None before.
@@ -92,17 +94,18 @@ class GradwatchCallback(TrainerCallback):
 
     def __init__(
         self,
-        every: int = 10,
+        settings: WatchConfig | None = None,
+        *,
         store: RunStore | str | None = None,
         run_name: str | None = None,
         config: dict[str, Any] | None = None,
-        include: Any = None,
-        exclude: Any = None,
         diagnose: bool = True,
         all_ranks: bool = False,
-        **watch_kwargs: Any,
+        **options: Any,
     ) -> None:
-        self._options = dict(every=every, store=store, include=include, exclude=exclude, **watch_kwargs)
+        runtime = {k: options.pop(k) for k in RUNTIME_OPTIONS if k in options}
+        self.settings = WatchConfig.from_options(settings, options, where="GradwatchCallback")
+        self._options = dict(settings=self.settings, store=store, **runtime)
         self._run_name = run_name
         self._config = dict(config or {})
         self._diagnose = diagnose
@@ -180,4 +183,4 @@ class GradwatchCallback(TrainerCallback):
             diagnose(watcher.run_id, store=watcher.store.path)
 
     def __repr__(self) -> str:
-        return f"GradwatchCallback(run_id={self.run_id}, every={self._options['every']!r})"
+        return f"GradwatchCallback(run_id={self.run_id}, every={self.settings.every!r})"
