@@ -1,4 +1,4 @@
-"""Statistics deferred to the end of the forward (Watcher._flush_pending) equal the hooks' own.
+"""Statistics deferred to the end of the forward (gradwatch._defer) equal the hooks' own.
 
 A layer is measured in its hook on its first logged step and, unless its tensor was changed
 in place after the hook, batched with the others of its shape from the next one on. With the
@@ -30,8 +30,11 @@ def run(model, x, y, store, steps=3):
             opt.zero_grad()
             nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
-        deferrable = dict(w._deferrable)
-        return w.metrics(), deferrable
+        # by layer id (forward order), from the watcher's public account of where each is measured
+        by_name = w.deferred_layers()
+        metrics = w.metrics()
+        ids = dict(zip(metrics.layer, metrics.layer_id, strict=True))
+        return metrics, {int(ids[name]): ok for name, ok in by_name.items()}
 
 
 def same(a, b, rtol=2e-6):
@@ -63,7 +66,7 @@ def test_deferred_on_every_layout_match_the_reference(store):
     model = MixedLayouts()
     x, y = torch.randn(16, 6), torch.randint(0, 4, (16,))
     metrics, deferrable = run(model, x, y, store, steps=2)
-    assert deferrable[("moments", 0)] and deferrable[("moments", 1)]
+    assert deferrable[0] and deferrable[1]
     same(by_step(metrics, 1), by_step(metrics, 0))
 
 
@@ -77,7 +80,7 @@ def test_changed_in_place_after_the_hook_stays_in_the_hook(tmp_path):
     x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
     a, deferrable_a = run(inplace, x, y, tmp_path / "a.db")
     b, deferrable_b = run(plain, x, y, tmp_path / "b.db")
-    assert not deferrable_a[("moments", 0)] and deferrable_b[("moments", 0)]  # the stem: ReLU in place or not
+    assert not deferrable_a[0] and deferrable_b[0]  # the stem: ReLU in place or not
     assert sum(deferrable_b.values()) > sum(deferrable_a.values()) > 0
     for step in (0, 1, 2):
         same(by_step(a, step), by_step(b, step), rtol=1e-5)
@@ -102,7 +105,7 @@ def test_a_deferred_call_changed_in_place_is_dropped_not_wrong(store):
     )
     x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
     metrics, deferrable = run(model, x, y, store, steps=4)
-    assert deferrable[("moments", 0)] is False  # learnt at step 2
+    assert deferrable[0] is False  # learnt at step 2
     mean = metrics[metrics.layer == "0"].set_index("step").output_mean
     assert np.isnan(mean[2])  # step 2: its output had changed by the end of the forward: no value
     # step 1 deferred, step 3 in the hook again

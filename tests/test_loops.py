@@ -255,7 +255,7 @@ def _train_without_window_work(model, opt, store, **options):
         for x, y in batches(4):
             opt.zero_grad()
             out = model(x)
-            assert out._backward_hooks is None or w._record.logged  # no hook on unlogged outputs
+            assert out._backward_hooks is None or w.step % 3 == 0  # no hook on unlogged outputs
             nn.functional.cross_entropy(out, y).backward()
             opt.step()
         return w.scalars()
