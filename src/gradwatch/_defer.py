@@ -1,9 +1,10 @@
 """The end-of-forward deferral: small layer outputs and activation inputs measured in batches.
 
-In a training step on the CPU a small op costs 2-4x what it costs alone (dispatch,
-allocation, the layer's data leaving the cache: ``bench/hook_ops.py``), so the sum and
-squared norm of 20 outputs, or the sample and per-unit extremes of 20 activation inputs,
-cost about half as much as one stack and a few row reductions after the forward. The
+In a training step on the CPU a small op costs several times what it costs alone
+(dispatch, allocation, the layer's data leaving the cache; ``bench/hook_ops.py`` measures
+it), so one stack and a few row reductions after the forward cost less than the sums and
+norms of each output, or the samples and per-unit extremes of each activation input, taken
+one layer at a time. The
 watcher's hooks hand each tensor to :meth:`Deferral.keep`; :meth:`Deferral.flush` measures
 what waited, stacked by shape, into the step's :class:`~gradwatch._step.StepRecord`.
 """
@@ -95,11 +96,8 @@ class Deferral:
     def flush(self, record: StepRecord) -> None:
         """Measure the deferred tensors, stacked by shape: a few ops for all the layers of a shape.
 
-        In a training step on the CPU a small op costs 2-4x what it costs alone
-        (``bench/hook_ops.py``: dispatch, allocation, the layer's data leaving the cache), so
-        the sum and squared norm of 20 outputs, or the sample and per-unit extremes of 20
-        activation inputs, cost about half as much as one stack and a few row reductions
-        after the forward. The tensors are the model's own, referenced until then (autograd
+        One stack and a few row reductions cost less than the same statistics taken layer
+        by layer in the hooks (see the module docstring). The tensors are the model's own, referenced until then (autograd
         keeps most of them anyway; at most ``DEFER_BYTES`` wait). A tensor changed in place
         after its hook (its ``_version`` moved: ``nn.ReLU(inplace=True)`` after a BatchNorm,
         ``out += identity``) no longer holds what the layer produced: a layer is measured in
@@ -142,9 +140,8 @@ class Deferral:
     def stack(self, tensors: list[Tensor]) -> Tensor:
         """``torch.stack(tensors)``; on the CPU into a buffer kept from step to step.
 
-        A fresh buffer of a few MB is new memory every step (page faults: in a CPU training
-        step the stack and an ``abs`` of 20 x 128 x 256 floats took 3-8x what they take
-        alone); elsewhere the caching allocator reuses its blocks anyway. The buffer is
+        A fresh buffer of a few MB is new memory every step, and its page faults cost more
+        than the stack itself; elsewhere the caching allocator reuses its blocks anyway. The buffer is
         overwritten by the next stack of that shape: nothing may keep a view of it.
         """
         first = tensors[0]
@@ -161,8 +158,8 @@ class Deferral:
     @staticmethod
     def moments_rows(record: StepRecord, lids: list[int], flat: Tensor) -> None:
         """Output moments of stacked calls ``(calls, n)``: what the hook takes of one, per row."""
-        # the row norms: on the CPU 74 us for (20, 32768) float32, against 170 us for 20 dots,
-        # 170 us for vecdot and 670 us for bmm
+        # row norms: one kernel over the stack, where dots, vecdot or bmm are one op per row or
+        # a batched product
         if flat.dtype in ACCUMULATE:
             totals, norms = flat.sum(1), torch.linalg.vector_norm(flat, dim=1)
         else:

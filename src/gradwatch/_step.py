@@ -100,8 +100,7 @@ class WeightBlocks:
         """``||after - before||`` per block, then ``||before||`` per block (float32, on device)."""
         torch._foreach_copy_(self.after_rows, self.views(weights))
         # in place (`after` is not read again), and a norm per buffer: no temporary the size of
-        # both buffers (1.4-3x faster on the CPU than a norm of their stack, the more so the
-        # more blocks)
+        # both buffers, which a norm of their stack would allocate
         moved = torch.sub(self.after, self.before, out=self.after)
         return torch.cat([
             torch.linalg.vector_norm(moved, dim=1, dtype=torch.float32),

@@ -232,9 +232,8 @@ def region_stats_rows(
     """:func:`batched_region_stats` of layers kept as rows: ``inputs`` ``(layers, n)``, ``units``
     ``(layers, u)`` (per unit the input where phi' peaks, see :func:`activation_inputs`).
 
-    Reductions along rows: no concatenations and no float copies of the masks (20 tanh
-    layers 0.69 -> 0.51 ms, 100 sigmoid rows 5.3 -> 1.4 ms on the CPU against the general
-    path). Returns a float32 ``(layers, 4)`` tensor in the order of :data:`ACTIVATION_STATS`.
+    Reductions along rows: no concatenations and no float copies of the masks, which the
+    general path needs for inputs of several sizes. Returns a float32 ``(layers, 4)`` tensor in the order of :data:`ACTIVATION_STATS`.
     """
     m = activation.max_derivative
     d = _abs_derivative(activation, inputs)
@@ -257,8 +256,8 @@ def _abs_derivative(activation: Activation, x: Tensor) -> Tensor:
 
 INPUT_QUANTILES = (0.15, 0.5, 0.85)
 # Quantiles come from the first this-many inputs of the (random) sample: sorting is the
-# cost (2.7 ms for 20 layers x 2048 on one CPU thread, 0.2 ms for 256), and 256 inputs
-# give the 15th percentile within about +-0.03 in probability.
+# cost, growing with the sample, and 256 inputs give the 15th percentile within about
+# +-0.03 in probability.
 QUANTILE_SAMPLE = 256
 
 
@@ -300,8 +299,8 @@ def _sorted_quantiles(rows: Tensor, q: tuple[float, ...]) -> Tensor:
     """``torch.quantile(rows, q, dim=1).T`` (linear interpolation) as one sort and one lerp.
 
     The same values as ``torch.quantile``: the ranks ``q * (n - 1)`` in the rows' dtype, and
-    NaN for a row holding a NaN (both sorts put NaN last). On the CPU numpy sorts: (20, 256)
-    in 20-30 us, against 150-180 us for ``torch.sort`` and 240-330 us for ``torch.quantile``.
+    NaN for a row holding a NaN (both sorts put NaN last). On the CPU numpy sorts: for short
+    rows its sort has a fraction of ``torch.sort``'s per-call overhead.
     """
     n = rows.shape[1]
     key = (n, tuple(q), rows.dtype, rows.device)
@@ -315,7 +314,7 @@ def _sorted_quantiles(rows: Tensor, q: tuple[float, ...]) -> Tensor:
             _RANKS.clear()
     both, weight = ranks
     if rows.is_cpu and rows.dtype in (torch.float32, torch.float64):
-        # numpy sorts (20, 256) 5-10x faster than torch.sort on the CPU; the same values
+        # numpy's sort of short rows costs less than torch.sort's dispatch; the same values
         ordered = torch.from_numpy(np.sort(rows.detach().numpy(), axis=1))
     else:
         ordered = rows.sort(dim=1).values
@@ -330,7 +329,7 @@ _RANKS: dict[tuple, tuple[Tensor, Tensor]] = {}  # see _sorted_quantiles
 
 def _segment_sums(values: Tensor, sizes: list[int]) -> Tensor:
     """Sums of consecutive segments of ``values`` (rows x sum(sizes)) -> rows x len(sizes)."""
-    if len(set(sizes)) == 1:  # the usual case: a reshape, ~30x faster than index_add_ on CPU
+    if len(set(sizes)) == 1:  # the usual case: a reshape and a sum, no scatter of index_add_
         return values.reshape(values.shape[0], len(sizes), sizes[0]).sum(2)
     out = torch.zeros(values.shape[0], len(sizes), device=values.device, dtype=values.dtype)
     return out.index_add_(1, _segments(sizes, values.device), values)

@@ -1098,8 +1098,8 @@ def watch(
             ``None`` (default): on when the parameters live on an accelerator (the norm
             is a few fused kernels there) or when an alert rule for ``"nonfinite"``
             stops or calls back (it needs every step's norms); off for parameters on the
-            CPU, where reading every gradient from memory at every step costs 2-5% of a
-            small model's step (``bench/overhead.py``: 1.07x against 1.02x on the MLP).
+            CPU, where reading every gradient from memory at every step costs a few percent
+            of a small model's step (``bench/overhead.py`` measures both).
         alerts: what to do when a step shows ``"nonfinite"``, ``"vanishing"`` or
             ``"exploding"`` gradients: ``"warn"``, ``"stop"`` (raise
             :class:`~gradwatch.errors.TrainingStopped` naming the step and the layer),

@@ -14,49 +14,36 @@ them.
 
 Why batched ops and not ``vmap(functional_call(model, ...))``: on a CPU, for the
 lab's width-64 layers, vmap turns each Linear into ten autograd-recorded ops
-(transpose, expand, view, bmm, ...). One training step of 5 seeds of a depth-10 MLP
-took 12.8 ms under vmap and 9.2 ms with these batched ops, against 22.9 ms for the 5
-eager steps one after another (``bench/vectorized.py``, 1 thread, a loaded 2-core
-machine). And a batched matmul's own backward forms the weight gradient as
-``(x^T g)^T``, which rounds differently from each seed's ``F.linear`` for the 10-logit
-layer, and Adam amplifies that within a few steps (see :class:`_BatchedLinear`); the
-batched Linear here is bitwise the per-seed one, so K vectorized runs store the
-numbers K sequential runs store, not merely close ones.
+(transpose, expand, view, bmm, ...), and the per-op overhead is what batching is meant
+to share (``bench/vectorized.py`` times the three ways). And a batched matmul's own
+backward forms the weight gradient as ``(x^T g)^T``, which rounds differently from each
+seed's ``F.linear`` for the 10-logit layer, and Adam amplifies that within a few steps
+(see :class:`_BatchedLinear`); the batched Linear here is bitwise the per-seed one, so K
+vectorized runs store the numbers K sequential runs store, not merely close ones.
 
 The stacked parameters are views of one flat tensor and their gradients of another, so the
 optimizer steps one tensor (Adam's update terms are a few ops for all seeds and layers, and
 bitwise the per-parameter updates: Adam is elementwise).
 
-Measured (``bench/results/vectorized.json``, 2 cores, 1 torch thread, median of 5-7
-interleaved rounds): a group of 5 seeds finishes 2.1-3.5x faster than the 5 runs one after
-another, and the per-configuration medians move by +-0.5 between runs on the development VM
-(narrow depth-10 ReLU / depth-10 sigmoid / depth 2 / depth 20 with batch norm: session 5
-3.49x / 2.76x / 2.60x / 2.21x; session 6 2.67x / 2.18x / 3.11x / 2.14x; session 7 3.07x /
-2.35x / 2.92x / 2.21x). The target was 3x: the shallow and the narrow configurations meet it
-in some runs, depth 10 and the batch-norm network in none. The bound is the 5 seeds' bare
-training step, 2.0-5.0x faster batched (same benchmark; depth 10 2.7x in session 7): batching
-shares the per-op overhead, not the matrix products and elementwise work of the deeper
-configurations, and the batch norm over (N, K x width) needs a transposed copy of each
-layer's output. With batch norm (session 7) the group's training steps take 1.3 s against
-3.1 s for the 5 runs, and the rest (telemetry of the logged steps, evaluation, data, store
-rows) 0.77 s against 1.57 s. The whole ``seed`` lab (26 configurations x 3 seeds, 2 workers)
-takes 16.5 s against 24.2 s without vectorizing (1.47x, session 7; 118 s -> 69 s in an
-earlier session with longer runs): groups of K = 3, the lab's fixed costs (worker processes,
-report), and a sequential lab keeps both workers busy too.
+Batching shares the per-op overhead, not the matrix products and elementwise work, so the
+speed-up is largest for shallow and narrow configurations and smallest for deep ones and
+for batch norm (over (N, K x width), which needs a transposed copy of each layer's output).
+The measured ratios are in ``bench/results/vectorized.json`` and ``bench/README.md``.
 
-What is recorded mirrors :class:`gradwatch.watch.Watcher` with the lab's settings
-(``every`` from the config, activation sample 2048, 8 tracked weights, the
-gradient-norm window, no alerts): every stored number of the K runs equals the
+What is recorded goes through :mod:`gradwatch.recorder`, as the watcher's does, with the
+lab's settings (``every`` from the config, the default activation sample and tracked
+weights, the gradient-norm window, no alerts): every stored number of the K runs equals the
 number K sequential ``run_task`` calls store (the tests compare them all, to 1e-5;
 on the CPU the trained weights agree bit for bit, and the stored values round
 differently only where the reductions differ: the loss's batched mean, and the norms,
-which the watcher takes as ``torch.dot`` on the CPU), and only ``config["gradwatch"]["vectorized"]`` tells
-them apart. Statistics go through :mod:`gradwatch.stats` on the same samples as the
-watcher (``sample_index(seed=layer_id)``); only plain reductions (sums and norms)
-are taken for all seeds at once. A change to what the watcher records must be made
-here too: ``tests/test_lab_vectorized.py`` fails until it is.
+which the watcher takes as ``torch.dot`` on the CPU), and only
+``config["gradwatch"]["vectorized"]`` tells them apart. What this module measures itself
+are the raw quantities the recorder takes (sums, squared norms, per-parameter norms, the
+kept activation inputs on the watcher's samples, ``sample_index(seed=layer_id)``), for all
+seeds at once; everything derived from them is the recorder's, so a change to what is
+recorded is made once.
 
-Configurations it does not cover (the CNN) run one seed at a time, as before:
+Configurations it does not cover (the CNN) run one seed at a time:
 :func:`vectorize_reason` says why.
 """
 
