@@ -96,14 +96,14 @@ class Deferral:
     def flush(self, record: StepRecord) -> None:
         """Measure the deferred tensors, stacked by shape: a few ops for all the layers of a shape.
 
-        One stack and a few row reductions cost less than the same statistics taken layer
-        by layer in the hooks (see the module docstring). The tensors are the model's own, referenced until then (autograd
-        keeps most of them anyway; at most ``DEFER_BYTES`` wait). A tensor changed in place
-        after its hook (its ``_version`` moved: ``nn.ReLU(inplace=True)`` after a BatchNorm,
-        ``out += identity``) no longer holds what the layer produced: a layer is measured in
-        its hook the first time and deferred only if that did not happen; a deferred call
-        that finds it changed has its values dropped, and its layer is measured in the hook
-        from then on.
+        One stack and a few row reductions cost less than the same statistics taken layer by
+        layer in the hooks (see the module docstring). The tensors are the model's own,
+        referenced until then (autograd keeps most of them anyway; at most ``DEFER_BYTES``
+        wait). A tensor changed in place after its hook (its ``_version`` moved:
+        ``nn.ReLU(inplace=True)`` after a BatchNorm, ``out += identity``) no longer holds what
+        the layer produced: a layer is measured in its hook the first time and deferred only if
+        that did not happen; a deferred call that finds it changed has its values dropped, and
+        its layer is measured in the hook from then on.
         """
         for key, x, version in record.probes:
             self.deferrable[key] = self.deferrable.get(key, True) and x._version == version

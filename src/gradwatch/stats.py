@@ -233,7 +233,8 @@ def region_stats_rows(
     ``(layers, u)`` (per unit the input where phi' peaks, see :func:`activation_inputs`).
 
     Reductions along rows: no concatenations and no float copies of the masks, which the
-    general path needs for inputs of several sizes. Returns a float32 ``(layers, 4)`` tensor in the order of :data:`ACTIVATION_STATS`.
+    general path needs for inputs of several sizes. Returns a float32 ``(layers, 4)`` tensor
+    in the order of :data:`ACTIVATION_STATS`.
     """
     m = activation.max_derivative
     d = _abs_derivative(activation, inputs)
