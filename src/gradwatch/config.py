@@ -109,6 +109,14 @@ class WatchConfig:
             )
         return settings
 
+    @classmethod
+    def split(cls, settings: WatchConfig | None, options: dict[str, Any], *,
+              where: str) -> tuple[WatchConfig, dict[str, Any]]:
+        """A callback's keyword arguments: ``(the config, watch()'s RUNTIME_OPTIONS among them)``."""
+        runtime = {k: options[k] for k in RUNTIME_OPTIONS if k in options}
+        rest = {k: v for k, v in options.items() if k not in runtime}
+        return cls.from_options(settings, rest, where=where), runtime
+
     def replace(self, **changes: Any) -> WatchConfig:
         """A copy with ``changes`` (validated like a new config)."""
         return dataclasses.replace(self, **changes)

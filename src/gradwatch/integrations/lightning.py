@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradwatch.config import RUNTIME_OPTIONS, WatchConfig
+from gradwatch.config import WatchConfig
 from gradwatch.errors import WatchError
 from gradwatch.integrations import MissingExtraError
 from gradwatch.integrations.ddp import IdleWatcher, watch_ddp
@@ -114,8 +114,7 @@ class GradwatchCallback(_pl.Callback):
         all_ranks: bool = False,
         **options: Any,
     ) -> None:
-        runtime = {k: options.pop(k) for k in RUNTIME_OPTIONS if k in options}
-        self.settings = WatchConfig.from_options(settings, options, where="GradwatchCallback")
+        self.settings, runtime = WatchConfig.split(settings, options, where="GradwatchCallback")
         self._options = dict(settings=self.settings, store=store, **runtime)
         self._options["run_name"] = run_name
         self._config = dict(config or {})

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from gradwatch.config import RUNTIME_OPTIONS, WatchConfig
+from gradwatch.config import WatchConfig
 from gradwatch.errors import WatchError
 from gradwatch.integrations import MissingExtraError
 from gradwatch.integrations.ddp import IdleWatcher, watch_ddp
@@ -103,8 +103,7 @@ class GradwatchCallback(TrainerCallback):
         all_ranks: bool = False,
         **options: Any,
     ) -> None:
-        runtime = {k: options.pop(k) for k in RUNTIME_OPTIONS if k in options}
-        self.settings = WatchConfig.from_options(settings, options, where="GradwatchCallback")
+        self.settings, runtime = WatchConfig.split(settings, options, where="GradwatchCallback")
         self._options = dict(settings=self.settings, store=store, **runtime)
         self._run_name = run_name
         self._config = dict(config or {})
