@@ -36,6 +36,7 @@ __all__ = [
     "RunResult",
     "RunEvent",
     "StoppedByUser",
+    "train_task",
     "Work",
     "Backend",
     "InProcessBackend",
