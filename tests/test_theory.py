@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from gradwatch import get_activation, open_store, theory
 from gradwatch.cli import app
 from gradwatch.errors import ConfigError
+from gradwatch.lab.meanfield import measure_delta_profile
 
 
 @pytest.fixture(autouse=True)
@@ -215,7 +216,7 @@ def test_phase_diagram():
     ],
 )
 def test_measured_chi1_within_ten_percent(name, sigma_w2, sigma_b2):
-    measured = theory.measure_delta_profile(name, sigma_w2, sigma_b2, 20, width=512, seeds=3, batch=32)
+    measured = measure_delta_profile(name, sigma_w2, sigma_b2, 20, width=512, seeds=3, batch=32)
     predicted = theory.chi1(name, sigma_w2, sigma_b2)
     assert measured.delta_rms.shape == (3, 20)
     assert measured.chi1 == pytest.approx(predicted, rel=0.10)
@@ -223,7 +224,7 @@ def test_measured_chi1_within_ten_percent(name, sigma_w2, sigma_b2):
 
 def test_measurement_is_recorded_by_watch(tmp_path):
     store = tmp_path / "runs.db"
-    measured = theory.measure_delta_profile("tanh", 1.5, 0.05, 6, width=64, seeds=2, batch=8,
+    measured = measure_delta_profile("tanh", 1.5, 0.05, 6, width=64, seeds=2, batch=8,
                                             store=store)
     with open_store(store) as runs:
         assert len(runs.runs()) == 2
@@ -235,7 +236,7 @@ def test_measurement_is_recorded_by_watch(tmp_path):
 
 
 def test_measured_profile_follows_the_input_variance():
-    measured = theory.measure_delta_profile("tanh", 1.5, 0.05, 8, width=256, seeds=2, batch=32,
+    measured = measure_delta_profile("tanh", 1.5, 0.05, 8, width=256, seeds=2, batch=32,
                                             q0=3.0)
     predicted = theory.predicted_delta_profile("tanh", 1.5, 0.05, 8, q0=3.0)
     np.testing.assert_allclose(measured.profile, predicted, rtol=0.1)
@@ -309,7 +310,7 @@ def test_no_critical_point_says_so():
 
 def test_bad_measurement_arguments():
     with pytest.raises(ConfigError, match=r"seeds=0; expected an integer >= 1"):
-        theory.measure_delta_profile("tanh", 1.0, 0.0, 5, seeds=0)
+        measure_delta_profile("tanh", 1.0, 0.0, 5, seeds=0)
     with pytest.raises(ConfigError, match=r"width=0; expected an integer >= 1"):
         theory.meanfield_mlp("tanh", 1.0, 0.0, 5, 0)
 
@@ -354,3 +355,16 @@ def test_cli_errors_are_one_line(args, message):
     assert result.exit_code == 1
     assert message in result.output.replace("\n", " ")
     assert "Traceback" not in result.output
+
+
+def test_fixed_point_input_starts_the_first_layer_at_the_fixed_point():
+    q0 = theory.fixed_point_input("tanh", 1.5, 0.05)
+    assert 1.5 * q0 + 0.05 == pytest.approx(theory.q_star("tanh", 1.5, 0.05), rel=1e-12)
+    assert theory.variance_sequence("tanh", 1.5, 0.05, 3, q0=q0) == pytest.approx(
+        [theory.q_star("tanh", 1.5, 0.05)] * 3, rel=1e-9)
+    assert theory.fixed_point_input("relu", 1.0, 0.0) == 1.0  # q* = 0: no signal to start from
+    with pytest.raises(ConfigError, match=r"sigma_w2=0; expected a finite number > 0"):
+        theory.fixed_point_input("tanh", 0, 0.0)
+    with pytest.raises(ConfigError, match=r"depth=0; expected an integer >= 1"):
+        theory.check_network(1.0, 0.0, 0)
+    assert theory.activation_name(nn.Tanh()) == "tanh"

@@ -29,7 +29,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -39,10 +39,14 @@ from torch import Tensor, nn
 from gradwatch.activations import activation_for_module, get_activation
 from gradwatch.diagnose import FIXES, Finding, Prescription, Thresholds, delta_ratios, diagnose
 from gradwatch.errors import ConfigError, DataError, GradwatchError
-from gradwatch.lab.data import Dataset, iterate_minibatches, load_dataset, prepare_arrays
-from gradwatch.lab.models import initialize_
 from gradwatch.store import RunStore
 from gradwatch.watch import watch
+
+if TYPE_CHECKING:
+    from gradwatch.lab.data import Dataset
+
+# The lab (gradwatch.lab.data, gradwatch.lab.models) is imported where it is used, not here:
+# `import gradwatch` imports this module and must not load the lab.
 
 __all__ = ["TRIALS", "TrialResult", "PrescriptionTable", "prescribe", "load_factory", "resolve_data"]
 
@@ -108,6 +112,8 @@ def resolve_data(data: Any, seed: int = 0) -> Dataset:
     Raises:
         DataError: empty, malformed or unreadable data (see :func:`gradwatch.lab.load_dataset`).
     """
+    from gradwatch.lab.data import Dataset, load_dataset, prepare_arrays
+
     if isinstance(data, Dataset):
         if data.n_train == 0:
             raise DataError(f"{data.name}: the training split is empty; expected at least one example")
@@ -204,6 +210,8 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _seeded_init(model: nn.Module, init: str, activation: Any, seed: int) -> None:
+    from gradwatch.lab.models import initialize_
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         initialize_(model, init, activation)
@@ -488,6 +496,8 @@ def _train(name: str, model: nn.Module, overrides: dict, ds: Dataset, s: _Settin
 
 
 def _train_seeded(name: str, model: nn.Module, overrides: dict, ds: Dataset, s: _Settings) -> TrialResult:
+    from gradwatch.lab.data import iterate_minibatches
+
     start = time.perf_counter()
     params = [p for p in model.parameters() if p.requires_grad]
     lr = s.lr * overrides.get("lr_factor", 1.0)

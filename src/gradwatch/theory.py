@@ -47,7 +47,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -57,17 +57,11 @@ from torch import Tensor, nn
 from gradwatch.activations import Activation, activation_for_module, get_activation
 from gradwatch.errors import ConfigError
 
-if TYPE_CHECKING:
-    import os
-
-    from gradwatch.store import RunStore
-
 __all__ = [
     "ActivationLike",
     "Regime",
     "MeanFieldPrediction",
     "PhaseDiagram",
-    "DeltaMeasurement",
     "predict",
     "q_star",
     "variance_sequence",
@@ -81,7 +75,9 @@ __all__ = [
     "trainable_depth_curve",
     "phase_diagram",
     "meanfield_mlp",
-    "measure_delta_profile",
+    "activation_name",
+    "fixed_point_input",
+    "check_network",
 ]
 
 ActivationLike = str | Activation | nn.Module | Callable
@@ -703,7 +699,7 @@ def phase_diagram(
     return PhaseDiagram(w2s, b2s, grid, line)
 
 
-# --- measurement ---------------------------------------------------------------------------
+# --- the networks the theory describes -------------------------------------------------------
 
 
 def meanfield_mlp(
@@ -738,123 +734,35 @@ def _mlp(
     return nn.Sequential(OrderedDict(blocks))
 
 
-@dataclass(frozen=True, eq=False)
-class DeltaMeasurement:
-    """Per-layer ``RMS(dL/dh^l)`` of random networks at initialisation, measured by ``watch()``.
+def activation_name(activation: ActivationLike) -> str:
+    """The name the theory's results carry for ``activation`` (its registry name, else the
+    callable's ``__name__``).
 
-    Attributes:
-        activation, sigma_w2, sigma_b2, width: the networks measured.
-        q0: mean square of the inputs (``q^1 = sigma_w2 q0 + sigma_b2``).
-        delta_rms: ``(seeds, depth)``, layer 1 first.
-        run_ids: the watched runs, one per seed (in a temporary store unless one was given).
+    Raises:
+        ConfigError: ``activation`` is none of a registry name, an Activation, a module or an
+            elementwise callable (the message says which it was).
     """
-
-    activation: str
-    sigma_w2: float
-    sigma_b2: float
-    width: int
-    q0: float
-    delta_rms: np.ndarray
-    run_ids: tuple[int, ...]
-
-    @property
-    def depth(self) -> int:
-        """Number of weight layers."""
-        return self.delta_rms.shape[1]
-
-    @property
-    def profile(self) -> np.ndarray:
-        """``RMS(delta^l) / RMS(delta^depth)`` per layer, mean over seeds."""
-        return (self.delta_rms / self.delta_rms[:, -1:]).mean(axis=0)
-
-    @property
-    def middle_layers(self) -> range:
-        """0-based layers ``l`` whose ratio ``delta_l^2 / delta_{l+1}^2`` enters :attr:`chi1`."""
-        lo = self.depth // 4
-        return range(lo, max(lo + 1, self.depth - 1 - self.depth // 4))
-
-    @property
-    def chi1(self) -> float:
-        """Mean of ``delta_l^2 / delta_{l+1}^2`` over the middle layers and the seeds."""
-        if self.depth < 2:
-            return math.nan
-        sq = np.square(self.delta_rms)
-        ratios = sq[:, :-1] / sq[:, 1:]
-        return float(ratios[:, list(self.middle_layers)].mean())
+    return _resolve(activation).name
 
 
-def measure_delta_profile(
-    activation: ActivationLike,
-    sigma_w2: float,
-    sigma_b2: float,
-    depth: int,
-    *,
-    width: int = 512,
-    seeds: int = 3,
-    batch: int = 64,
-    q0: float | None = None,
-    seed: int = 0,
-    store: RunStore | str | os.PathLike | None = None,
-) -> DeltaMeasurement:
-    """Measure the per-layer delta RMS of :func:`meanfield_mlp` networks with ``gradwatch.watch``.
+def check_network(sigma_w2: float, sigma_b2: float, depth: int) -> tuple[float, float, int]:
+    """``(sigma_w2, sigma_b2, depth)`` as floats and an int, checked as every function here checks them.
 
-    Each seed draws a network, inputs ``x ~ N(0, q0)`` of shape ``(batch, width)`` and a
-    readout ``v ~ N(0, 1)``, and back-propagates ``loss = mean_batch(phi(h^depth) . v)``
-    once under ``watch(every=1)``; ``delta_rms`` is read back from the run store.
-
-    Args:
-        activation: registry name, Activation, module or elementwise callable.
-        sigma_w2: weight variance times fan-in.
-        sigma_b2: bias variance.
-        depth: number of weight layers.
-        width: units per layer. Default: 512.
-        seeds: networks drawn. Default: 3.
-        batch: inputs per network. Default: 64.
-        q0: mean square of the inputs. Default: ``E[phi(sqrt(q*) z)^2]``, so that
-            ``q^1 = q*`` and every layer starts at the fixed point (1 where ``q*`` is
-            0 or infinite).
-        seed: seeds are ``seed, seed + 1, ...``.
-        store: a :class:`~gradwatch.store.RunStore` or path to keep the runs in.
-            Default: a temporary store, removed afterwards.
+    Raises:
+        ConfigError: ``sigma_w2 <= 0``, ``sigma_b2 < 0``, either not finite, or ``depth < 1``.
     """
-    import tempfile
+    sigma_w2, sigma_b2 = _check_sigmas(sigma_w2, sigma_b2)
+    return sigma_w2, sigma_b2, _check_depth(depth)
 
-    from gradwatch.store import RunStore
-    from gradwatch.watch import watch
 
+def fixed_point_input(activation: ActivationLike, sigma_w2: float, sigma_b2: float) -> float:
+    """The mean square ``q0`` of inputs that start every layer at the fixed point.
+
+    ``q^1 = sigma_w2 q0 + sigma_b2 = q*``, so ``q0 = (q* - sigma_b2) / sigma_w2``
+    ``= E[phi(sqrt(q*) z)^2]``. Where ``q*`` is 0 (ReLU at ``sigma_b2 = 0``: zero inputs
+    would carry no gradient) or infinite (the variance diverges), 1.
+    """
     act = _resolve(activation)
     sigma_w2, sigma_b2 = _check_sigmas(sigma_w2, sigma_b2)
-    depth = _check_depth(depth)
-    for name, value in (("seeds", seeds), ("batch", batch)):
-        if not (isinstance(value, int) and value >= 1):
-            raise ConfigError(f"{name}={value!r}; expected an integer >= 1")
-    if q0 is None:
-        fixed = _fixed_point(act, sigma_w2, sigma_b2, 1.0)
-        # q* = 0 (e.g. ReLU at sigma_b2 = 0) would give zero inputs and no gradient at all.
-        q0 = (fixed - sigma_b2) / sigma_w2 if math.isfinite(fixed) and fixed > 1e-12 else 1.0
-    tmp = tempfile.TemporaryDirectory(prefix="gradwatch-theory-") if store is None else None
-    run_store = store if isinstance(store, RunStore) else RunStore(store or f"{tmp.name}/runs.db")
-    rms = np.empty((seeds, depth))
-    run_ids = []
-    try:
-        for s in range(seeds):
-            gen = torch.Generator().manual_seed(seed + s)
-            model = _mlp(act, sigma_w2, sigma_b2, depth, width, gen)
-            x = torch.randn(batch, width, generator=gen) * math.sqrt(q0)
-            v = torch.randn(width, generator=gen)
-            config = {"theory": {"activation": act.name, "sigma_w2": sigma_w2, "sigma_b2": sigma_b2,
-                                 "depth": depth, "width": width, "q0": q0, "seed": seed + s}}
-            name = f"theory-{act.name}-w{sigma_w2:g}-b{sigma_b2:g}-d{depth}-s{seed + s}"
-            with watch(model, every=1, store=run_store, run_name=name, config=config,
-                       activation_stats=False, warn=False) as watcher:
-                model.train()
-                (model(x) @ v).mean().backward()
-                df = watcher.metrics(metrics=["delta_rms"])
-            rms[s] = df[df["kind"] == "param"].sort_values("layer_id")["delta_rms"].to_numpy()
-            run_ids.append(watcher.run_id)
-    finally:
-        if run_store is not store:
-            run_store.close()
-        if tmp is not None:
-            tmp.cleanup()
-    return DeltaMeasurement(act.name, sigma_w2, sigma_b2, width, float(q0), rms, tuple(run_ids))
+    fixed = _fixed_point(act, sigma_w2, sigma_b2, 1.0)
+    return (fixed - sigma_b2) / sigma_w2 if math.isfinite(fixed) and fixed > 1e-12 else 1.0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import numpy as np
 import typer
@@ -14,6 +14,9 @@ from rich.table import Table
 from gradwatch import theory as mf
 from gradwatch.cli import app, console, handle_errors
 from gradwatch.errors import ConfigError
+
+if TYPE_CHECKING:
+    from gradwatch.lab.meanfield import DeltaMeasurement
 
 _REGIME_STYLE = {"ordered": "yellow", "critical": "green", "chaotic": "red"}
 _REGIME_MEANING = {
@@ -64,7 +67,7 @@ def _shown_layers(depth: int) -> list[int]:
     return sorted({int(round(i)) for i in np.linspace(0, depth - 1, _MAX_ROWS)})
 
 
-def _comparison_table(measured: mf.DeltaMeasurement, predicted: np.ndarray) -> Table:
+def _comparison_table(measured: DeltaMeasurement, predicted: np.ndarray) -> Table:
     per_seed = measured.delta_rms / measured.delta_rms[:, -1:]
     table = Table(title=f"delta RMS / last layer's: {measured.delta_rms.shape[0]} seeds, width "
                         f"{measured.width}, q0={measured.q0:.4g}")
@@ -89,7 +92,7 @@ def _draw(
     path: Path,
     p: mf.MeanFieldPrediction,
     critical: float | None,
-    measured: mf.DeltaMeasurement | None,
+    measured: DeltaMeasurement | None,
     predicted: np.ndarray | None,
 ) -> None:
     """Phase diagram (log chi_1 over sigma_w2 x sigma_b2, the chi_1 = 1 line, this point) and profile."""
@@ -173,9 +176,11 @@ def theory(
 
     measured = predicted = None
     if measure:
+        from gradwatch.lab.meanfield import measure_delta_profile  # trains under watch(): only when asked
+
         with console.status(f"measuring {seeds} random {activation} networks of width {width}..."):
-            measured = mf.measure_delta_profile(activation, sigma_w2, sigma_b2, depth, width=width,
-                                                seeds=seeds, batch=batch)
+            measured = measure_delta_profile(activation, sigma_w2, sigma_b2, depth, width=width,
+                                             seeds=seeds, batch=batch)
         predicted = mf.predicted_delta_profile(activation, sigma_w2, sigma_b2, depth, q0=measured.q0)
         console.print(_comparison_table(measured, predicted))
         middle = measured.middle_layers

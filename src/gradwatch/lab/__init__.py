@@ -3,8 +3,12 @@
 ``models`` builds configurable MLP/CNN stacks (:class:`ModelConfig`,
 :func:`build_model`); ``data`` loads digits, MNIST-1D or a user's file
 (:func:`load_dataset`); ``presets`` holds grids and their claims as data
-(:class:`Preset`, :data:`PRESETS`), the paper presets in ``papers``; ``runner``
-runs a grid on a backend, resumes, and summarises it from the store (:func:`run_lab`).
+(:class:`Preset`, :data:`PRESETS`), the paper presets in ``papers``; ``tasks``
+holds what both runners share (:class:`RunTask`, :class:`RunResult`, :class:`RunEvent`,
+the backends); ``runner`` runs a grid on a backend, resumes, and summarises it from the
+store (:func:`run_lab`); ``vectorized`` trains an MLP's seeds as one batched network;
+``meanfield`` measures the delta profile mean-field theory predicts
+(:func:`gradwatch.lab.meanfield.measure_delta_profile`).
 """
 
 from __future__ import annotations
@@ -35,17 +39,14 @@ from gradwatch.lab.presets import (
     preset_names,
     register_preset,
 )
-from gradwatch.lab.runner import (
+from gradwatch.lab.runner import LabInterrupted, LabResult, run_lab, run_task
+from gradwatch.lab.tasks import (
     Backend,
     InProcessBackend,
-    LabInterrupted,
-    LabResult,
     LocalBackend,
     RunEvent,
     RunResult,
     RunTask,
-    run_lab,
-    run_task,
 )
 
 __all__ = [

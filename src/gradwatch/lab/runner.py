@@ -5,47 +5,51 @@ finished (resume), run the rest on a :class:`Backend`, then read every run back
 from the store into per-configuration :class:`~gradwatch.lab.presets.ConfigSummary`
 s, check the preset's claims and write ``OUT/lab.json`` (docs/lab-contract.md).
 
-The backend boundary: a backend gets picklable :class:`RunTask` s and calls
-:func:`run_task` for each wherever it likes, forwarding :class:`RunEvent` s to the
-driver. :class:`LocalBackend` uses a process pool on this machine; a Ray backend
-needs only the same two functions. Each run writes its own rows to the shared
-SQLite store (WAL, several writers), so the store holds every finished run even
-when the driver is stopped.
+The backend boundary: a backend gets picklable work items (:class:`RunTask` s, or
+seed groups of :mod:`gradwatch.lab.vectorized`; :class:`~gradwatch.lab.tasks.Work`)
+and runs each wherever it likes (``item.run(...)``, or :func:`run_task`), forwarding
+:class:`RunEvent` s to the driver. The task types and the backends live in
+:mod:`gradwatch.lab.tasks`, which both runners import. :class:`LocalBackend` uses a
+process pool on this machine; a Ray backend needs only the same two functions. Each
+run writes its own rows to the shared SQLite store (WAL, several writers), so the
+store holds every finished run even when the driver is stopped.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import multiprocessing
 import os
-import queue
-import signal
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
 from pathlib import Path
-from typing import Any, Protocol
-
-import torch
+from typing import Any
 
 from gradwatch.errors import ConfigError, GradwatchError
-from gradwatch.lab.data import BUILTIN_DATASETS, Dataset, iterate_minibatches, load_dataset
-from gradwatch.lab.models import build_model
+from gradwatch.lab.data import BUILTIN_DATASETS, load_dataset
 from gradwatch.lab.presets import (
     ConfigSummary,
-    GridEntry,
     PaperRow,
     Preset,
-    TrainSettings,
     Verdict,
     get_preset,
     paper_table,
 )
+from gradwatch.lab.tasks import (
+    Backend,
+    InProcessBackend,
+    LocalBackend,
+    RunEvent,
+    RunResult,
+    RunTask,
+    default_workers,
+    diagnose_run,
+    train_task,
+)
+from gradwatch.lab.tasks import diagnoser as _diagnoser
+from gradwatch.lab.vectorized import SeedGroup, plan_runs, run_group
 from gradwatch.store import RunStore
-from gradwatch.watch import watch
 
 __all__ = [
     "LAB_FILE",
@@ -70,7 +74,6 @@ __all__ = [
 
 LAB_FILE = "lab.json"
 STORE_FILE = "gradwatch.db"
-_STOP_MESSAGE = "stopped by the user before the run finished"
 
 
 def default_out_dir(preset: str) -> Path:
@@ -78,99 +81,20 @@ def default_out_dir(preset: str) -> Path:
     return Path("gradwatch-runs") / f"lab-{Path(preset).stem if preset.endswith('.json') else preset}"
 
 
-def default_workers() -> int:
-    """The number of cores this process may use."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS, Windows
-        return max(1, os.cpu_count() or 1)
+# --- one run ----------------------------------------------------------------------------------
 
 
-# --- one run -----------------------------------------------------------------------------------
+class _GroupWork(SeedGroup):
+    """A :class:`~gradwatch.lab.vectorized.SeedGroup` as a backend's work item (``run``)."""
 
-
-@dataclass(frozen=True)
-class RunTask:
-    """One configuration at one seed: everything a worker needs, picklable.
-
-    Attributes:
-        preset: the preset's name (stored in the run's config).
-        entry: the configuration.
-        seed: seeds the train/test split, the weights and the batch order.
-        dataset: a built-in name or an absolute path.
-        store: path of the shared store file.
-        cache_dir: where generated data sets are cached.
-    """
-
-    preset: str
-    entry: GridEntry
-    seed: int
-    dataset: str
-    store: str
-    cache_dir: str | None = None
-
-    @property
-    def run_name(self) -> str:  # noqa: D102
-        return f"{self.preset}/{self.entry.config_key}/seed{self.seed}"
-
-    def config(self) -> dict[str, Any]:
-        """The run's config as docs/lab-contract.md lays it out."""
-        e = self.entry
-        return {
-            "lab": {"preset": self.preset, "section": e.section, "label": e.label,
-                    "config_key": e.config_key, "seed": self.seed},
-            "model": e.model.to_dict(),
-            "train": e.train.to_dict(),
-            "dataset": self.dataset,
-        }
-
-
-@dataclass(frozen=True)
-class RunResult:
-    """What became of a task: ``finished``, ``failed`` (an error) or ``stopped`` (Ctrl-C)."""
-
-    task: RunTask
-    status: str
-    run_id: int | None = None
-    test_acc: float | None = None
-    seconds: float = 0.0
-    error: str | None = None
-
-
-@dataclass(frozen=True)
-class RunEvent:
-    """Progress of task ``index`` (run ``name``): ``start``, ``epoch`` (``epoch`` of ``epochs``
-    done, with its test accuracy), ``end`` (with the :class:`RunResult`), or ``resumed``
-    (finished in the store before: not run again).
-    """
-
-    index: int
-    kind: str
-    name: str = ""
-    epoch: int = 0
-    epochs: int = 0
-    test_acc: float | None = None
-    result: RunResult | None = None
-
-
-class StoppedByUser(Exception):
-    """Raised inside a run at an epoch boundary when the driver asks to stop."""
-
-
-@lru_cache(maxsize=8)
-def _dataset(name: str, seed: int, cache_dir: str | None) -> Dataset:
-    return load_dataset(name, seed=seed, cache_dir=cache_dir)
-
-
-def _optimizer(train: TrainSettings, params) -> torch.optim.Optimizer:
-    # foreach: one fused call over all parameters; torch picks it only for CUDA by default.
-    if train.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=train.lr, momentum=train.momentum, foreach=True)
-    return torch.optim.Adam(params, lr=train.lr, foreach=True)
+    def run(self, on_epoch: Callable[[int, float], None] | None = None,
+            should_stop: Callable[[], bool] | None = None) -> RunResult:
+        """Train the group's seeds as one batched network (:func:`run_group`)."""
+        return run_group(self, on_epoch, should_stop)
 
 
 def run_task(
-    task: RunTask,
+    task: RunTask | SeedGroup,
     on_epoch: Callable[[int, float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> RunResult:
@@ -188,220 +112,9 @@ def run_task(
         should_stop: polled after each epoch; True ends the run as ``stopped``
             (the run is marked failed in the store, so a resume runs it again).
     """
-    if not isinstance(task, RunTask):  # a SeedGroup
-        from gradwatch.lab.vectorized import run_group
-
+    if isinstance(task, SeedGroup):
         return run_group(task, on_epoch, should_stop)
-    start = time.perf_counter()
-    run_id = None
-    if should_stop is not None and should_stop():
-        return RunResult(task, "stopped", None, None, 0.0, _STOP_MESSAGE)
-    try:
-        data = _dataset(task.dataset, task.seed, task.cache_dir)
-        model = build_model(task.entry.model, data.input_shape, data.n_classes, seed=task.seed)
-        train = task.entry.train
-        optimizer = _optimizer(train, model.parameters())
-        order = torch.Generator().manual_seed(task.seed)
-        loss_fn = torch.nn.functional.cross_entropy
-        with RunStore(task.store) as store:
-            # window=True: the lab records every step's gradient-norm extremes on the CPU too
-            # (its runs are small; lab.vectorized records the same)
-            with watch(model, optimizer, every=train.every, store=store, run_name=task.run_name,
-                       config=task.config(), warn=False, window=True) as watcher:
-                run_id = watcher.run_id
-                for epoch in range(1, train.epochs + 1):
-                    model.train()
-                    losses = []
-                    for xb, yb in iterate_minibatches(data.x_train, data.y_train, train.batch_size, order):
-                        optimizer.zero_grad(set_to_none=True)
-                        loss = loss_fn(model(xb), yb)
-                        loss.backward()
-                        optimizer.step()
-                        losses.append(loss.detach())
-                        watcher.log(loss=losses[-1])
-                    model.eval()
-                    with torch.no_grad():
-                        logits = model(data.x_test)
-                        test_loss = loss_fn(logits, data.y_test).item()
-                        acc = (logits.argmax(1) == data.y_test).float().mean().item()
-                    watcher.log(epoch=epoch, train_loss=torch.stack(losses).mean(), test_loss=test_loss,
-                                test_acc=acc)
-                    if on_epoch is not None:
-                        on_epoch(epoch, acc)
-                    if should_stop is not None and should_stop() and epoch < train.epochs:
-                        raise StoppedByUser(_STOP_MESSAGE)
-            note = _diagnose(store, run_id)
-        return RunResult(task, "finished", run_id, acc, time.perf_counter() - start, note)
-    except StoppedByUser:
-        return RunResult(task, "stopped", run_id, None, time.perf_counter() - start, _STOP_MESSAGE)
-    except Exception as err:  # noqa: BLE001 - one broken run must not end the grid
-        return RunResult(task, "failed", run_id, None, time.perf_counter() - start,
-                         f"{type(err).__name__}: {err}")
-
-
-def _diagnoser() -> Callable | None:
-    """``gradwatch.diagnose.diagnose`` when that module exists, else None."""
-    try:
-        from gradwatch.diagnose import diagnose
-    except ModuleNotFoundError as err:
-        if err.name == "gradwatch.diagnose":
-            return None
-        raise
-    return diagnose
-
-
-def _diagnose(store: RunStore, run_id: int) -> str | None:
-    """Diagnose a finished run, storing its findings; a note if the diagnosis failed."""
-    diagnose = _diagnoser()
-    if diagnose is None:
-        return None
-    try:
-        diagnose(run_id, store=store)  # saves the findings in the store (replacing older ones)
-    except Exception as err:  # noqa: BLE001 - the run itself finished; keep it
-        return f"diagnose failed: {type(err).__name__}: {err}"
-    return None
-
-
-# --- backends ----------------------------------------------------------------------------------
-
-
-class Backend(Protocol):
-    """Where runs execute. ``run`` calls :func:`run_task` for every task.
-
-    It calls ``notify`` in the caller's thread with each :class:`RunEvent` (``start``,
-    ``epoch``, ``end`` with the :class:`RunResult`). On ``KeyboardInterrupt`` it starts
-    no new task, asks running ones to stop at their next epoch, ``notify``s every
-    result it has, and re-raises.
-    """
-
-    workers: int
-
-    def run(self, tasks: Sequence[RunTask], notify: Callable[[RunEvent], None]) -> None:
-        """Run every task, reporting through ``notify``."""
-
-
-_events: Any = None
-_stop: Any = None
-
-
-def _init_worker(events: Any, stop: Any) -> None:
-    global _events, _stop
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver decides how to stop
-    torch.set_num_threads(1)
-    _events, _stop = events, stop
-
-
-def _work(index: int, task: RunTask) -> RunResult:
-    epochs, name = task.entry.train.epochs, task.run_name
-    _events.put(RunEvent(index, "start", name, 0, epochs))
-    return run_task(task, lambda e, acc: _events.put(RunEvent(index, "epoch", name, e, epochs, acc)),
-                    _stop.is_set)
-
-
-@dataclass
-class InProcessBackend:
-    """Runs tasks one after another in this process (debugging, tests, notebooks).
-
-    Ctrl-C interrupts the run in progress (marked failed in the store) and re-raises.
-    """
-
-    workers: int = 1
-
-    def run(self, tasks: Sequence[RunTask], notify: Callable[[RunEvent], None]) -> None:  # noqa: D102
-        for i, task in enumerate(tasks):
-            name = task.run_name
-            notify(RunEvent(i, "start", name, 0, task.entry.train.epochs))
-
-            def on_epoch(epoch: int, acc: float, i: int = i, task: RunTask = task) -> None:
-                notify(RunEvent(i, "epoch", task.run_name, epoch, task.entry.train.epochs, acc))
-
-            notify(RunEvent(i, "end", name, result=run_task(task, on_epoch)))
-
-
-def _result(future: Future, task: RunTask | None) -> RunResult | None:
-    """The future's result; a worker that died (e.g. out of memory) gives a failed result."""
-    try:
-        return future.result()
-    except Exception as err:  # noqa: BLE001 - BrokenProcessPool and the like
-        return None if task is None else RunResult(task, "failed", error=f"{type(err).__name__}: {err}")
-
-
-@dataclass
-class LocalBackend:
-    """A process pool on this machine, one torch thread per worker.
-
-    Attributes:
-        workers: processes. Default: the number of cores.
-        grace_s: after Ctrl-C, how long running tasks get to stop at an epoch boundary
-            before their processes are ended. Default: 30.
-    """
-
-    workers: int = field(default_factory=default_workers)
-    grace_s: float = 30.0
-
-    def run(self, tasks: Sequence[RunTask], notify: Callable[[RunEvent], None]) -> None:  # noqa: D102
-        if not tasks:
-            return
-        ctx = multiprocessing.get_context("spawn")  # fork is unsafe once torch has threads
-        events, stop = ctx.Queue(), ctx.Event()
-        pool = ProcessPoolExecutor(min(self.workers, len(tasks)), mp_context=ctx,
-                                   initializer=_init_worker, initargs=(events, stop))
-        futures: dict[Future, int] = {pool.submit(_work, i, t): i for i, t in enumerate(tasks)}
-        pending = set(futures)
-        try:
-            while pending:
-                done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-                self._drain(events, notify)
-                for f in done:
-                    notify(RunEvent(futures[f], "end", tasks[futures[f]].run_name,
-                                         result=_result(f, tasks[futures[f]])))
-            pool.shutdown(wait=True)
-        except KeyboardInterrupt:
-            stop.set()
-            for f in pending:
-                f.cancel()
-            self._wind_down(pool, pending, futures, events, notify)
-            try:
-                # Join the pool's manager thread now (its workers have stopped or were ended): left
-                # running, CPython 3.11's exit hook races it on a closing wake-up pipe and prints
-                # "OSError: [Errno 9] Bad file descriptor" after our clean stop.
-                pool.shutdown(wait=True, cancel_futures=True)
-            except KeyboardInterrupt:  # a further Ctrl-C: do not wait
-                pass
-            raise
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
-        finally:
-            self._drain(events, notify)
-
-    def _wind_down(self, pool: ProcessPoolExecutor, pending: set[Future], futures: dict[Future, int],
-                   events: Any, notify: Callable[[RunEvent], None]) -> None:
-        """Collect what running tasks return as they stop; end them after ``grace_s``."""
-        running = {f for f in pending if not f.cancelled()}
-        deadline = time.monotonic() + self.grace_s
-        try:
-            while running and time.monotonic() < deadline:
-                done, running = wait(running, timeout=0.2, return_when=FIRST_COMPLETED)
-                self._drain(events, notify)
-                for f in done:
-                    result = None if f.cancelled() else _result(f, None)
-                    if result is not None:
-                        notify(RunEvent(futures[f], "end", result.task.run_name, result=result))
-        except KeyboardInterrupt:  # a second Ctrl-C: do not wait
-            pass
-        if running:  # their runs stay unfinished in the store; a resume runs them again
-            for proc in list((getattr(pool, "_processes", None) or {}).values()):
-                proc.terminate()
-
-    @staticmethod
-    def _drain(events: Any, notify: Callable[[RunEvent], None]) -> None:
-        while True:
-            try:
-                event = events.get_nowait()
-            except (queue.Empty, OSError, ValueError):
-                return
-            notify(event)
+    return train_task(task, on_epoch, should_stop)
 
 
 # --- planning and resume -----------------------------------------------------------------------
@@ -692,8 +405,6 @@ def run_lab(
         run_ids = finished_runs(store, tasks)
     resumed = sorted(run_ids)
     todo = [i for i in range(len(tasks)) if i not in run_ids]
-    from gradwatch.lab.vectorized import plan_runs  # it builds on this module
-
     plan = plan_runs([tasks[i] for i in todo], vectorize=vectorize, backend=backend)
     failed: list[RunResult] = []
 
@@ -711,14 +422,15 @@ def run_lab(
         for i in resumed:
             notify(RunEvent(i, "resumed", tasks[i].run_name))
     runner = backend if backend is not None else LocalBackend(workers or default_workers())
+    items = [_GroupWork(item.tasks) if isinstance(item, SeedGroup) else item for item in plan.items]
     try:
-        runner.run(plan.items, lambda event: [on_event(e) for e in plan.expand(event)])
+        runner.run(items, lambda event: [on_event(e) for e in plan.expand(event)])
     except KeyboardInterrupt:
         raise LabInterrupted(len(run_ids), len(tasks), store_path) from None
 
     with RunStore(store_path) as store:
         for i in resumed:  # diagnosed when they ran, perhaps by an older diagnosis
-            _diagnose(store, run_ids[i])
+            diagnose_run(store, run_ids[i])
         summaries = summarize(store, spec, tasks, run_ids)
         verdicts = check_claims(spec, summaries, store)
         paper_rows = paper_table(spec, summaries, store)

@@ -65,8 +65,8 @@ from gradwatch.activations import Activation, activation_for_module
 from gradwatch.errors import ConfigError
 from gradwatch.lab.models import MLP, build_model
 from gradwatch.lab.presets import GridEntry
-from gradwatch.lab.runner import (
-    _STOP_MESSAGE,
+from gradwatch.lab.tasks import (
+    STOP_MESSAGE,
     Backend,
     InProcessBackend,
     LocalBackend,
@@ -74,9 +74,9 @@ from gradwatch.lab.runner import (
     RunResult,
     RunTask,
     StoppedByUser,
-    _dataset,
-    _diagnose,
-    _optimizer,
+    diagnose_run,
+    make_optimizer,
+    task_dataset,
 )
 from gradwatch.recorder import (
     ACTIVATION_METRICS,
@@ -404,12 +404,12 @@ class _StackedMLP:
         return list(self.params.values())
 
     def optimizer(self, train: Any) -> torch.optim.Optimizer:
-        """The lab's optimizer (:func:`gradwatch.lab.runner._optimizer`) over the flat tensor.
+        """The lab's optimizer (:func:`gradwatch.lab.tasks.make_optimizer`) over the flat tensor.
 
         Adam and SGD with momentum are elementwise, so stepping the flat tensor gives each
         element the update its own parameter would get, in a few ops for all of them.
         """
-        return _optimizer(train, [self.flat])
+        return make_optimizer(train, [self.flat])
 
     def row_norms(self, flat: Tensor) -> Tensor:
         """Each seed's L2 norm of each parameter (K, P), of ``flat`` or ``flat_grad``.
@@ -792,9 +792,9 @@ def run_group(
         return GroupResult(group, status, None, sum(done) / len(done) if done else None, seconds, error, runs)
 
     if should_stop is not None and should_stop():
-        return results("stopped", [None] * len(tasks), _STOP_MESSAGE)
+        return results("stopped", [None] * len(tasks), STOP_MESSAGE)
     try:
-        data = [_dataset(t.dataset, t.seed, t.cache_dir) for t in tasks]
+        data = [task_dataset(t.dataset, t.seed, t.cache_dir) for t in tasks]
         entry, train = group.entry, group.entry.train
         x_train = _stack([d.x_train for d in data], "training splits", group)
         y_train = _stack([d.y_train for d in data], "training labels", group)
@@ -814,10 +814,10 @@ def run_group(
                 recorder.finish("failed", f"{type(err).__name__}: {err}")
                 raise
             recorder.finish()
-            notes = [_diagnose(store, rid) for rid in recorder.run_ids]
+            notes = [diagnose_run(store, rid) for rid in recorder.run_ids]
         return results("finished", accs, None, notes)
     except StoppedByUser:
-        return results("stopped", [None] * len(tasks), _STOP_MESSAGE)
+        return results("stopped", [None] * len(tasks), STOP_MESSAGE)
     except Exception as err:  # noqa: BLE001 - one broken group must not end the grid
         return results("failed", [None] * len(tasks), f"{type(err).__name__}: {err}")
 
@@ -846,5 +846,5 @@ def _train(net: _StackedMLP, optimizer: torch.optim.Optimizer, recorder: _Record
         if on_epoch is not None:
             on_epoch(epoch, sum(accs) / len(accs))
         if should_stop is not None and should_stop() and epoch < train.epochs:
-            raise StoppedByUser(_STOP_MESSAGE)
+            raise StoppedByUser(STOP_MESSAGE)
     return accs
