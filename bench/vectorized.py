@@ -53,11 +53,12 @@ from typing import Any
 
 import torch
 
-from gradwatch.lab import runner
+from gradwatch.lab import runner, tasks
 from gradwatch.lab.models import build_model
 from gradwatch.lab.presets import GridEntry, get_preset
-from gradwatch.lab.runner import RunTask, _dataset, _optimizer, run_lab, run_task
-from gradwatch.lab.vectorized import SeedGroup, _seed_losses, _StackedMLP, run_group
+from gradwatch.lab.runner import RunTask, run_lab, run_task
+from gradwatch.lab.tasks import make_optimizer, task_dataset
+from gradwatch.lab.vectorized import SeedGroup, StackedMLP, run_group, seed_losses
 
 RESULTS = Path(__file__).parent / "results" / "vectorized.json"
 RESULTS_TRAINING = Path(__file__).parent / "results" / "vectorized-training-only.json"
@@ -77,13 +78,13 @@ def _load() -> float:
 
 
 class _DiagnoseTimer:
-    """``runner._diagnoser`` replaced: the same ``diagnose``, its seconds added up."""
+    """``tasks.diagnoser`` replaced: the same ``diagnose``, its seconds added up."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
         self.enabled = True
 
-    def __call__(self):  # what runner._diagnoser returns: the diagnose function, or None
+    def __call__(self):  # what tasks.diagnoser returns: the diagnose function, or None
         return self._timed if self.enabled else None
 
     def _timed(self, *args: Any, **kwargs: Any) -> Any:
@@ -166,7 +167,7 @@ def bench_runs(entry: GridEntry, seeds: int, repeats: int) -> dict[str, Any]:
 
 def _steps_per_run(entry: GridEntry) -> int:
     """Optimizer steps of one run: epochs x batches of the digits training split."""
-    n = len(_dataset("digits", 0, None).x_train)
+    n = len(task_dataset("digits", 0, None).x_train)
     return entry.train.epochs * -(-n // entry.train.batch_size)
 
 
@@ -193,11 +194,11 @@ def bench_steps(entry: GridEntry, seeds: int, steps: int) -> dict[str, float]:
     """Median ms of one training step of all K seeds: eager one by one, vmap, batched."""
     from torch.func import functional_call, stack_module_state, vmap
 
-    data = _dataset("digits", 0, None)
+    data = task_dataset("digits", 0, None)
     x = data.x_train[: entry.train.batch_size].expand(seeds, -1, -1).contiguous()
     y = data.y_train[: entry.train.batch_size].expand(seeds, -1).contiguous()
     models = [build_model(entry.model, data.input_shape, data.n_classes, seed=s) for s in range(seeds)]
-    optimizers = [_optimizer(entry.train, m.parameters()) for m in models]
+    optimizers = [make_optimizer(entry.train, m.parameters()) for m in models]
 
     def eager() -> None:
         for k, (model, optimizer) in enumerate(zip(models, optimizers, strict=True)):
@@ -207,7 +208,7 @@ def bench_steps(entry: GridEntry, seeds: int, steps: int) -> dict[str, float]:
 
     params, buffers = stack_module_state(models)
     base = models[0]
-    vmap_optimizer = _optimizer(entry.train, list(params.values()))
+    vmap_optimizer = make_optimizer(entry.train, list(params.values()))
 
     def one(p: dict, b: dict, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.cross_entropy(functional_call(base, (p, b), (xb,)), yb)
@@ -219,13 +220,13 @@ def bench_steps(entry: GridEntry, seeds: int, steps: int) -> dict[str, float]:
         batched_loss(params, buffers, x, y).sum().backward()
         vmap_optimizer.step()
 
-    net = _StackedMLP([build_model(entry.model, data.input_shape, data.n_classes, seed=s)
+    net = StackedMLP([build_model(entry.model, data.input_shape, data.n_classes, seed=s)
                        for s in range(seeds)])
     net_optimizer = net.optimizer(entry.train)
 
     def batched() -> None:
         net.zero_grad()
-        _seed_losses(net.forward(x, training=True), y).sum().backward()
+        seed_losses(net.forward(x, training=True), y).sum().backward()
         net_optimizer.step()
 
     out = {}
@@ -279,6 +280,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     _TIMER.enabled = not args.training_only  # off: run_task's and run_group's _diagnose store no findings
+    tasks.diagnoser = _TIMER  # the diagnosis after each run (lab.tasks.diagnose_run)
     runner._diagnoser = _TIMER
     report: dict[str, Any] = {
         "preset": args.preset, "seeds": args.seeds, "threads": args.threads, "repeats": args.repeats,

@@ -260,11 +260,11 @@ def test_stacked_parameters_and_gradients_live_in_one_flat_tensor():
     import torch
 
     from gradwatch.lab.models import build_model
-    from gradwatch.lab.vectorized import _seed_losses, _StackedMLP
+    from gradwatch.lab.vectorized import StackedMLP, seed_losses
 
     config = ModelConfig(depth=3, width=16, activation="tanh", batch_norm=True)
     models = [build_model(config, (64,), 10, seed=s) for s in range(3)]
-    net = _StackedMLP(models)
+    net = StackedMLP(models)
     for name, leaf in net.params.items():  # the seeds' own values, stacked
         torch.testing.assert_close(leaf.detach(), torch.stack([dict(m.named_parameters())[name].detach()
                                                                for m in models]), rtol=0, atol=0)
@@ -274,7 +274,7 @@ def test_stacked_parameters_and_gradients_live_in_one_flat_tensor():
     optimizer = net.optimizer(ADAM)
     for _ in range(2):  # the second backward adds into the .grad views the first one filled
         net.zero_grad()
-        _seed_losses(net.forward(x, training=True), y).sum().backward()
+        seed_losses(net.forward(x, training=True), y).sum().backward()
         grads = [p.grad for p in net.parameters()]
         flat_grad = net.flat_grad.untyped_storage().data_ptr()
         assert all(g.untyped_storage().data_ptr() == flat_grad for g in grads)

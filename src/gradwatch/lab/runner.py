@@ -84,15 +84,6 @@ def default_out_dir(preset: str) -> Path:
 # --- one run ----------------------------------------------------------------------------------
 
 
-class _GroupWork(SeedGroup):
-    """A :class:`~gradwatch.lab.vectorized.SeedGroup` as a backend's work item (``run``)."""
-
-    def run(self, on_epoch: Callable[[int, float], None] | None = None,
-            should_stop: Callable[[], bool] | None = None) -> RunResult:
-        """Train the group's seeds as one batched network (:func:`run_group`)."""
-        return run_group(self, on_epoch, should_stop)
-
-
 def run_task(
     task: RunTask | SeedGroup,
     on_epoch: Callable[[int, float], None] | None = None,
@@ -422,9 +413,8 @@ def run_lab(
         for i in resumed:
             notify(RunEvent(i, "resumed", tasks[i].run_name))
     runner = backend if backend is not None else LocalBackend(workers or default_workers())
-    items = [_GroupWork(item.tasks) if isinstance(item, SeedGroup) else item for item in plan.items]
     try:
-        runner.run(items, lambda event: [on_event(e) for e in plan.expand(event)])
+        runner.run(plan.items, lambda event: [on_event(e) for e in plan.expand(event)])
     except KeyboardInterrupt:
         raise LabInterrupted(len(run_ids), len(tasks), store_path) from None
 

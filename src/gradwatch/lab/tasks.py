@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 import torch
 
+from gradwatch.config import WatchConfig
 from gradwatch.lab.data import Dataset, iterate_minibatches, load_dataset
 from gradwatch.lab.models import build_model
 from gradwatch.lab.presets import GridEntry, TrainSettings
@@ -43,6 +44,7 @@ __all__ = [
     "LocalBackend",
     "task_dataset",
     "make_optimizer",
+    "watch_settings",
     "diagnoser",
     "diagnose_run",
     "default_workers",
@@ -163,6 +165,14 @@ def task_dataset(name: str, seed: int, cache_dir: str | None) -> Dataset:
     return load_dataset(name, seed=seed, cache_dir=cache_dir)
 
 
+def watch_settings(train: TrainSettings) -> WatchConfig:
+    """How a lab run is recorded, by both runners: the configuration's cadence, no live
+    alerts (each run is diagnosed once it ends), and the window on the CPU too (lab runs are
+    small, and every step's gradient-norm extremes are part of the lab contract).
+    """
+    return WatchConfig(every=train.every, warn=False, window=True)
+
+
 def make_optimizer(train: TrainSettings, params) -> torch.optim.Optimizer:
     """The lab's optimizer: SGD (with ``train.momentum``) or Adam, at ``train.lr``."""
     # foreach: one fused call over all parameters; torch picks it only for CUDA by default.
@@ -226,10 +236,8 @@ def train_task(
         order = torch.Generator().manual_seed(task.seed)
         loss_fn = torch.nn.functional.cross_entropy
         with RunStore(task.store) as store:
-            # window=True: the lab records every step's gradient-norm extremes on the CPU too
-            # (its runs are small; lab.vectorized records the same)
-            with watch(model, optimizer, every=train.every, store=store, run_name=task.run_name,
-                       config=task.config(), warn=False, window=True) as watcher:
+            with watch(model, optimizer, store=store, run_name=task.run_name, config=task.config(),
+                       settings=watch_settings(train)) as watcher:
                 run_id = watcher.run_id
                 for epoch in range(1, train.epochs + 1):
                     model.train()

@@ -62,6 +62,7 @@ from torch import Tensor, nn
 from torch.func import stack_module_state
 
 from gradwatch.activations import Activation, activation_for_module
+from gradwatch.config import WatchConfig
 from gradwatch.errors import ConfigError
 from gradwatch.lab.models import MLP, build_model
 from gradwatch.lab.presets import GridEntry
@@ -77,11 +78,10 @@ from gradwatch.lab.tasks import (
     diagnose_run,
     make_optimizer,
     task_dataset,
+    watch_settings,
 )
 from gradwatch.recorder import (
     ACTIVATION_METRICS,
-    ACTIVATION_SAMPLE,
-    WEIGHT_SAMPLES,
     ActivationCalls,
     LayerRows,
     ParamLayout,
@@ -96,6 +96,8 @@ from gradwatch.stats import activation_inputs, sample_index, weight_block
 from gradwatch.store import RunStore
 
 __all__ = [
+    "StackedMLP",
+    "seed_losses",
     "SeedGroup",
     "GroupResult",
     "SeedGrouping",
@@ -128,8 +130,8 @@ def _group_key(task: RunTask) -> tuple:
 class SeedGroup:
     """Two or more :class:`RunTask` s that differ only by seed, trained together.
 
-    A backend runs it like a task: :func:`gradwatch.lab.runner.run_task` hands it to
-    :func:`run_group`, which returns a :class:`GroupResult`.
+    A backend runs it like a task (:meth:`run`, the :class:`~gradwatch.lab.tasks.Work`
+    protocol), which returns a :class:`GroupResult`.
     """
 
     tasks: tuple[RunTask, ...]
@@ -162,6 +164,11 @@ class SeedGroup:
         """``preset/config_key/seeds0,1,2``: the progress display's name for the group."""
         t = self.tasks[0]
         return f"{t.preset}/{t.entry.config_key}/seeds{','.join(map(str, self.seeds))}"
+
+    def run(self, on_epoch: Callable[[int, float], None] | None = None,
+            should_stop: Callable[[], bool] | None = None) -> GroupResult:
+        """Train the group's seeds as one batched network (:func:`run_group`): a backend's work item."""
+        return run_group(self, on_epoch, should_stop)
 
 
 @dataclass(frozen=True)
@@ -331,8 +338,16 @@ def _linear(h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return _BatchedLinear.apply(h, weight, bias)
 
 
-class _StackedMLP:
-    """K lab MLPs of one configuration as stacked leaf tensors and a batched forward."""
+class StackedMLP:
+    """K lab MLPs of one configuration as stacked leaf tensors and a batched forward.
+
+    Attributes:
+        k: the number of stacked models (seeds).
+        params: parameter name -> its stacked leaf ``(K, *shape)``, seed k's slice seed k's values.
+        flat: one tensor holding every leaf's values (the leaves are views of it), which the
+            optimizer of :meth:`optimizer` steps as one tensor.
+        flat_grad: likewise every leaf's ``.grad``.
+    """
 
     def __init__(self, models: Sequence[nn.Module]) -> None:
         template = models[0]
@@ -471,9 +486,10 @@ class _StackedMLP:
 class _Tap:
     """What the watcher's hooks record on a logged step, for K seeds at once."""
 
-    def __init__(self, net: _StackedMLP, samples: dict[tuple, Tensor | None]) -> None:
+    def __init__(self, net: StackedMLP, samples: dict[tuple, Tensor | None], sample_size: int) -> None:
         self.net = net
         self.samples = samples
+        self.sample_size = sample_size  # activation inputs sampled per layer (WatchConfig.activation_sample)
         self.moments: dict[int, Tensor] = {}  # layer id -> (K, 2): sum, norm of the output
         self.counts: dict[int, int] = {}  # layer id -> elements of one seed's output
         self.delta_sq: dict[int, Tensor] = {}  # layer id -> (K,) ||dL/d output||^2
@@ -512,7 +528,7 @@ class _Tap:
         k, n, width = x.shape
         key = ("activation", lid, n * width)
         if key not in self.samples:
-            self.samples[key] = sample_index(n * width, ACTIVATION_SAMPLE, x.device, seed=lid)
+            self.samples[key] = sample_index(n * width, self.sample_size, x.device, seed=lid)
         sample = self.samples[key]
         # (N, width): units along the last dimension, as the watcher's pre-hook after a Linear
         if activation.peak is None:
@@ -541,9 +557,12 @@ def _host(tensor: Tensor) -> np.ndarray:
 class _Recorder:
     """Writes K runs through :mod:`gradwatch.recorder`, as K watchers would."""
 
-    def __init__(self, net: _StackedMLP, store: RunStore, tasks: Sequence[RunTask], every: int,
-                 optimizer: torch.optim.Optimizer) -> None:
-        self.net, self.store, self.tasks, self.every, self.optimizer = net, store, tasks, every, optimizer
+    def __init__(self, net: StackedMLP, store: RunStore, tasks: Sequence[RunTask],
+                 settings: WatchConfig, optimizer: torch.optim.Optimizer) -> None:
+        self.net, self.store, self.tasks, self.optimizer = net, store, tasks, optimizer
+        self.settings = settings
+        assert isinstance(settings.every, int)  # a lab configuration's cadence
+        self.every = settings.every
         self.k = len(tasks)
         self.step = 0
         self.samples: dict[tuple, Tensor | None] = {}
@@ -561,7 +580,7 @@ class _Recorder:
         for task in tasks:
             config = task.config()
             # what watch() stores, and how this run was recorded: the one difference from run_task's
-            config["gradwatch"] = gradwatch_config(every, "MLP", parameters, type(optimizer).__name__,
+            config["gradwatch"] = gradwatch_config(self.every, "MLP", parameters, type(optimizer).__name__,
                                                    vectorized=True)
             self.run_ids.append(store.create_run(task.run_name, config))
         for run_id in self.run_ids:
@@ -608,7 +627,7 @@ class _Recorder:
         flat = params[i].detach().reshape(self.k, -1)
         key = ("tracked", layer.name, flat.shape[1])
         if key not in self.samples:
-            start, where = tracked_elements(layer.name, flat.shape[1], i, WEIGHT_SAMPLES)
+            start, where = tracked_elements(layer.name, flat.shape[1], i, self.settings.weight_samples)
             index = torch.tensor([start + q for q in where], dtype=torch.int64)
             self.samples[key] = index
             self.tracked_index[lid] = index.tolist()  # flat element indices, as the store keeps them
@@ -755,7 +774,7 @@ def _epoch_batches(x: Tensor, y: Tensor, orders: Sequence[torch.Generator], batc
         yield xs[:, start : start + batch_size], ys[:, start : start + batch_size]
 
 
-def _seed_losses(logits: Tensor, y: Tensor) -> Tensor:
+def seed_losses(logits: Tensor, y: Tensor) -> Tensor:
     """Each seed's mean cross-entropy: (K,) from logits (K, N, C) and labels (K, N)."""
     k, n, c = logits.shape
     return F.cross_entropy(logits.reshape(k * n, c), y.reshape(k * n), reduction="none").view(k, n).mean(1)
@@ -802,11 +821,11 @@ def run_group(
         y_test = _stack([d.y_test for d in data], "test labels", group)
         models = [build_model(entry.model, d.input_shape, d.n_classes, seed=t.seed)
                   for d, t in zip(data, tasks, strict=True)]
-        net = _StackedMLP(models)
+        net = StackedMLP(models)
         optimizer = net.optimizer(train)
         orders = [torch.Generator().manual_seed(t.seed) for t in tasks]
         with RunStore(tasks[0].store) as store:
-            recorder = _Recorder(net, store, tasks, train.every, optimizer)
+            recorder = _Recorder(net, store, tasks, watch_settings(train), optimizer)
             try:
                 accs = _train(net, optimizer, recorder, train, (x_train, y_train, x_test, y_test), orders,
                               on_epoch, should_stop)
@@ -822,7 +841,7 @@ def run_group(
         return results("failed", [None] * len(tasks), f"{type(err).__name__}: {err}")
 
 
-def _train(net: _StackedMLP, optimizer: torch.optim.Optimizer, recorder: _Recorder, train: Any,
+def _train(net: StackedMLP, optimizer: torch.optim.Optimizer, recorder: _Recorder, train: Any,
            data: tuple[Tensor, Tensor, Tensor, Tensor], orders: Sequence[torch.Generator],
            on_epoch: Callable[[int, float], None] | None, should_stop: Callable[[], bool] | None
            ) -> list[float]:
@@ -832,15 +851,16 @@ def _train(net: _StackedMLP, optimizer: torch.optim.Optimizer, recorder: _Record
     for epoch in range(1, train.epochs + 1):
         for xb, yb in _epoch_batches(x_train, y_train, orders, train.batch_size):
             net.zero_grad()
-            tap = _Tap(net, recorder.samples) if recorder.logged() else None
-            losses = _seed_losses(net.forward(xb, training=True, tap=tap), yb)
+            logged = recorder.logged()
+            tap = _Tap(net, recorder.samples, recorder.settings.activation_sample) if logged else None
+            losses = seed_losses(net.forward(xb, training=True, tap=tap), yb)
             losses.sum().backward()  # seed k's slice of each gradient is dL_k / d(its parameters)
             recorder.after_backward(tap)
             optimizer.step()
             recorder.after_step(losses.detach())
         with torch.no_grad():
             logits = net.forward(x_test, training=False)
-            test_loss = _seed_losses(logits, y_test).tolist()
+            test_loss = seed_losses(logits, y_test).tolist()
             accs = (logits.argmax(2) == y_test).float().mean(1).tolist()
         recorder.end_epoch(epoch, test_loss, accs)
         if on_epoch is not None:
