@@ -21,6 +21,7 @@ measurements on grids of MLPs (docs/diagnosis.md has the numbers).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -28,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from gradwatch.errors import ConfigError, check_int
-from gradwatch.numbers import delta_ratios_of, delta_table, format_number, layers_over
+from gradwatch.numbers import delta_ratios_of, delta_table, format_number, is_norm_type, layers_over
 from gradwatch.store import RunStore
 
 __all__ = [
@@ -979,6 +980,7 @@ def live_check(
     thresholds: Thresholds | None = None,
     *,
     run_id: int | None = None,
+    layer_types: Mapping[str, str] | None = None,
 ) -> str | None:
     """A one-line warning about one logged step, or None when the step looks healthy.
 
@@ -992,6 +994,9 @@ def live_check(
         nonfinite: number of parameters whose gradient is inf or NaN.
         thresholds: Default: ``Thresholds()``.
         run_id: named in the message's pointer to ``gradwatch show``.
+        layer_types: each layer's type (module class name), by name: the first/last ratio
+            then runs over the weight layers only, normalisation layers left out, as
+            :func:`gradwatch.numbers.delta_ratio` defines it. Default: every layer given.
     """
     t = thresholds if thresholds is not None else Thresholds()
     where = f"; see `gradwatch show {run_id}`" if run_id is not None else "; see `gradwatch show RUN`"
@@ -1002,6 +1007,8 @@ def live_check(
         what = f"{nonfinite} parameter(s)" if nonfinite else "the total gradient norm"
         origin = f", first at layer '{bad_deltas[-1]}' (counting from the output)" if bad_deltas else ""
         return f"gradwatch: non-finite gradients in {what}{origin}{where}"
+    if layer_types is not None:
+        names = [k for k in names if not is_norm_type(layer_types.get(k, ""))]
     if len(names) < 2:
         return None
     first, last = layer_deltas[names[0]], layer_deltas[names[-1]]

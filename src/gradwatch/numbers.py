@@ -24,6 +24,7 @@ import pandas as pd
 
 __all__ = [
     "weight_layers",
+    "is_norm_type",
     "is_normalization",
     "delta_table",
     "delta_ratios_of",
@@ -38,13 +39,22 @@ __all__ = [
 ]
 
 
-def is_normalization(types: pd.Series) -> pd.Series:
-    """Whether each layer type is a normalisation layer (``BatchNorm1d``, ``LayerNorm``, ``GroupNorm``...).
+# A layer type naming a normalisation layer: BatchNorm1d/2d, LayerNorm, GroupNorm, InstanceNorm, RMSNorm.
+_NORM = "Norm"
+
+
+def is_norm_type(type_name: str) -> bool:
+    """Whether a layer type (the module's class name) is a normalisation layer.
 
     A normalisation layer rescales its input by statistics of the batch or the features; its
     delta is not one factor of the product of weight matrices and activation derivatives.
     """
-    return types.astype(str).str.contains("Norm", regex=False)
+    return _NORM in str(type_name)
+
+
+def is_normalization(types: pd.Series) -> pd.Series:
+    """:func:`is_norm_type` of each entry of a ``type`` column."""
+    return types.astype(str).str.contains(_NORM, regex=False)
 
 
 def weight_layers(metrics: pd.DataFrame) -> pd.DataFrame:
@@ -175,7 +185,8 @@ def layers_over(table: pd.DataFrame, threshold: float) -> tuple[pd.Series, list]
 
 
 def format_number(value: float | None, digits: int = 3, *, plain: Sequence[float] = (1e-3, 1e4),
-                  fixed: bool = False, sci_digits: int | None = None, missing: str = "-") -> str:
+                  fixed: bool = False, sci_digits: int | None = None, general: bool = False,
+                  missing: str = "-") -> str:
     """A number as tables, captions and messages write it.
 
     * ``None`` or NaN: ``missing``; infinities: ``"inf"`` / ``"-inf"``;
@@ -183,7 +194,8 @@ def format_number(value: float | None, digits: int = 3, *, plain: Sequence[float
       digits (``f"{value:.{digits}g}"``), or with ``fixed=True`` ``digits`` decimals without
       trailing zeros (``0.25``, ``12.5``);
     * otherwise scientific with ``sci_digits`` significant digits (default ``digits``):
-      ``f"{value:.{sci_digits - 1}e}"``, e.g. ``"3.1e-05"``.
+      ``f"{value:.{sci_digits - 1}e}"``, e.g. ``"3.1e-05"``; with ``general=True`` Python's
+      general format ``f"{value:.{sci_digits}g}"`` (``"0.004"``, ``"1e-05"``, ``"1.2e+04"``).
 
     Args:
         value: the number.
@@ -191,6 +203,7 @@ def format_number(value: float | None, digits: int = 3, *, plain: Sequence[float
         plain: the magnitudes ``[low, high)`` written in plain notation.
         fixed: decimals instead of significant digits in plain notation.
         sci_digits: significant digits in scientific notation. Default: ``digits``.
+        general: outside ``plain``, the general format rather than always scientific.
         missing: the text for ``None`` and NaN.
     """
     if value is None:
@@ -207,4 +220,5 @@ def format_number(value: float | None, digits: int = 3, *, plain: Sequence[float
             return "0"
         text = f"{value:.{digits}f}"
         return text.rstrip("0").rstrip(".") if "." in text else text
-    return f"{value:.{(digits if sci_digits is None else sci_digits) - 1}e}"
+    sci = digits if sci_digits is None else sci_digits
+    return f"{value:.{sci}g}" if general else f"{value:.{sci - 1}e}"
