@@ -187,7 +187,7 @@ def resnet_figure(data: ReportData) -> Figure:
     ax_ratio.axhline(1.0, color="0.4", lw=0.8, ls=":")
     ax_ratio.set_yscale("log")
     ax_ratio.set_xlabel("training step")
-    ax_ratio.set_ylabel("δ RMS first / last hidden layer")
+    ax_ratio.set_ylabel("δ RMS first / last weight layer")
     ax_ratio.set_title("gradient reaching the input (first seed)")
     ax_ratio.grid(alpha=0.25)
     ax_ratio.legend(frameon=False, fontsize=7, ncols=2)
