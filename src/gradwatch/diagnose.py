@@ -21,13 +21,15 @@ measurements on grids of MLPs (docs/diagnosis.md has the numbers).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from gradwatch.errors import ConfigError
+from gradwatch.errors import ConfigError, check_int
+from gradwatch.numbers import delta_ratios_of, delta_table, format_number, is_norm_type, layers_over
 from gradwatch.store import RunStore
 
 __all__ = [
@@ -122,9 +124,7 @@ class Thresholds:
         check("update_ratio_low", 0.0)
         check("update_ratio_high", self.update_ratio_low if isinstance(self.update_ratio_low, float) else 0.0)
         for name in ("plateau_min_steps", "min_logged_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"Thresholds.{name}={value!r}; expected an integer >= 1")
+            check_int(f"Thresholds.{name}", getattr(self, name), 1)
 
     def replace(self, **changes: Any) -> Thresholds:
         """A copy with some values changed, e.g. ``Thresholds().replace(vanishing_ratio=1e-4)``."""
@@ -252,25 +252,19 @@ def _load(run: Any, store: RunStore | str | None, scalars: pd.DataFrame | None):
 
 
 def delta_ratios(metrics: pd.DataFrame) -> pd.Series:
-    """First/last parameterised layer delta RMS per logged step (the product of derivatives).
+    """First/last weight layer delta RMS per logged step (the product of derivatives).
 
-    ``delta_rms`` is ``sqrt(mean((dL/d output)^2))``; the ratio compares the first
-    parameterised layer (forward order) with the last. NaN where either is missing.
+    ``delta_rms`` is ``sqrt(mean((dL/d output)^2))``; the ratio compares the first weight
+    layer (parameterised, not a normalisation layer; forward order) with the last:
+    :func:`gradwatch.numbers.delta_ratio_series`, the one definition. NaN where either is
+    missing.
     """
-    return _ratios(_delta_table(metrics))
-
-
-def _ratios(deltas: pd.DataFrame) -> pd.Series:
-    """:func:`delta_ratios` of a step x layer table of delta RMS."""
-    if deltas.empty:
-        return pd.Series(dtype="float64", name="delta_ratio")
-    last = deltas.iloc[:, -1].where(deltas.iloc[:, -1] > 0)  # no error signal at all: no ratio
-    return (deltas.iloc[:, 0] / last).rename("delta_ratio")
+    return delta_ratios_of(_delta_table(metrics))
 
 
 def _delta_table(metrics: pd.DataFrame) -> pd.DataFrame:
-    """Step x parameterised layer table of ``delta_rms`` (steps and layers with a value)."""
-    return _pivot(metrics, "param", "delta_rms", dropna=True)
+    """Step x weight layer table of ``delta_rms`` (steps and layers with a value)."""
+    return delta_table(metrics)
 
 
 def _names(metrics: pd.DataFrame) -> dict[int, str]:
@@ -348,9 +342,8 @@ def _activation_types(metrics: pd.DataFrame) -> dict[int, str]:
 
 
 def _fmt(value: float) -> str:
-    if value == 0 or not math.isfinite(value):
-        return f"{value:g}"
-    return f"{value:.2g}" if 1e-2 <= abs(value) < 1e3 else f"{value:.1e}"
+    """Two significant digits between 0.01 and 1000, else scientific (``"3.1e-05"``)."""
+    return format_number(value, 2, plain=(1e-2, 1e3), missing="nan")
 
 
 def _layer_list(names: list[str], limit: int = 4) -> str:
@@ -717,8 +710,7 @@ def _dead(r: _Run) -> Finding | None:
     dead = r.table("activation", "dead_frac")
     if dead.empty:
         return None
-    median = dead.median()
-    bad = [lid for lid in median.index if median[lid] > r.t.dead_frac]
+    median, bad = layers_over(dead, r.t.dead_frac)
     if not bad:
         return None
     worst = max(bad, key=lambda lid: median[lid])
@@ -755,8 +747,7 @@ def _saturated(r: _Run) -> Finding | None:
     sat = r.table("activation", "saturated_frac").dropna(axis=1, how="all")
     if sat.empty:
         return None
-    median = sat.median()
-    bad = [lid for lid in median.index if median[lid] > r.t.saturated_frac]
+    median, bad = layers_over(sat, r.t.saturated_frac)
     if not bad:
         return None
     green = r.table("activation", "green_frac")
@@ -948,7 +939,8 @@ def _diagnose(metrics: pd.DataFrame, scalar_df: pd.DataFrame | None, t: Threshol
     if "nonfinite" not in metrics.columns:
         metrics = metrics.assign(nonfinite=False)
     deltas = _delta_table(metrics)
-    r = _Run(metrics, scalar_df, t, _names(metrics), deltas, _ratios(deltas), _activation_types(metrics))
+    r = _Run(metrics, scalar_df, t, _names(metrics), deltas, delta_ratios_of(deltas),
+             _activation_types(metrics))
     findings: list[Finding] = []
     nonfinite = _nonfinite(r)
     if nonfinite is not None:
@@ -959,7 +951,7 @@ def _diagnose(metrics: pd.DataFrame, scalar_df: pd.DataFrame | None, t: Threshol
         metrics = metrics[metrics["step"] < first]
         scalar_df = scalar_df[scalar_df["step"] < first]
         deltas = _delta_table(metrics)
-        r = _Run(metrics, scalar_df, t, r.names, deltas, _ratios(deltas), r.act_types)
+        r = _Run(metrics, scalar_df, t, r.names, deltas, delta_ratios_of(deltas), r.act_types)
     logged = int(metrics["step"].nunique()) if not metrics.empty else 0
     if logged < t.min_logged_steps:
         what = "logged steps" if nonfinite is None else "logged steps before the first non-finite value"
@@ -988,6 +980,7 @@ def live_check(
     thresholds: Thresholds | None = None,
     *,
     run_id: int | None = None,
+    layer_types: Mapping[str, str] | None = None,
 ) -> str | None:
     """A one-line warning about one logged step, or None when the step looks healthy.
 
@@ -1001,6 +994,9 @@ def live_check(
         nonfinite: number of parameters whose gradient is inf or NaN.
         thresholds: Default: ``Thresholds()``.
         run_id: named in the message's pointer to ``gradwatch show``.
+        layer_types: each layer's type (module class name), by name: the first/last ratio
+            then runs over the weight layers only, normalisation layers left out, as
+            :func:`gradwatch.numbers.delta_ratio` defines it. Default: every layer given.
     """
     t = thresholds if thresholds is not None else Thresholds()
     where = f"; see `gradwatch show {run_id}`" if run_id is not None else "; see `gradwatch show RUN`"
@@ -1011,6 +1007,8 @@ def live_check(
         what = f"{nonfinite} parameter(s)" if nonfinite else "the total gradient norm"
         origin = f", first at layer '{bad_deltas[-1]}' (counting from the output)" if bad_deltas else ""
         return f"gradwatch: non-finite gradients in {what}{origin}{where}"
+    if layer_types is not None:
+        names = [k for k in names if not is_norm_type(layer_types.get(k, ""))]
     if len(names) < 2:
         return None
     first, last = layer_deltas[names[0]], layer_deltas[names[-1]]

@@ -15,6 +15,7 @@ __all__ = [
     "DataError",
     "TrainingStopped",
     "GradientWarning",
+    "check_int",
 ]
 
 
@@ -66,3 +67,21 @@ class GradientWarning(RuntimeWarning):
 
     ``watch(..., warn=False)`` silences it; ``simplefilter("error", GradientWarning)`` stops training.
     """
+
+
+def check_int(name: str, value: object, minimum: int, hint: str | None = None) -> int:
+    """``value`` if it is an integer (not a bool) of at least ``minimum``, else :class:`ConfigError`.
+
+    The message names the argument, repeats what was got and says what is expected:
+    ``"depth=0; expected an integer >= 1 (the number of hidden layers)"``.
+
+    Args:
+        name: the argument's name as the user wrote it (``"epochs"``, ``"Thresholds.persistence"``).
+        value: what was passed.
+        minimum: the smallest value allowed.
+        hint: what the argument means, added in parentheses to the message.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        what = f" ({hint})" if hint else ""
+        raise ConfigError(f"{name}={value!r}; expected an integer >= {minimum}{what}")
+    return value

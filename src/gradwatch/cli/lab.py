@@ -18,6 +18,7 @@ from gradwatch.cli import app, console, err_console, handle_errors
 from gradwatch.integrations.ray import cli_backend
 from gradwatch.lab.presets import PRESETS, get_preset
 from gradwatch.lab.runner import LabInterrupted, LabResult, RunEvent, run_lab
+from gradwatch.numbers import format_number
 from gradwatch.report import report
 
 
@@ -47,10 +48,12 @@ class _Display:
 
 
 def _fmt(x: float) -> str:
-    """Ratios: two decimals between 0.01 and 100, else two significant digits."""
-    if x is None or not math.isfinite(x):
+    """Ratios: two decimals between 0.01 and 100 (trailing zeros dropped), else two
+    significant digits; ``"-"`` for None, NaN and infinities.
+    """
+    if x is not None and math.isinf(x):
         return "-"
-    return f"{x:.2f}" if 0.01 <= abs(x) < 100 else f"{x:.1e}"
+    return format_number(x, 2, plain=(0.01, 100), fixed=True)
 
 
 _HEALTHY = ("healthy", "no problem found")

@@ -14,6 +14,7 @@ from rich.text import Text
 
 from gradwatch.cli import app, console, handle_errors
 from gradwatch.diagnose import KINDS, Finding
+from gradwatch.numbers import format_number
 from gradwatch.prescribe import TRIALS, PrescriptionTable, load_factory, prescribe
 from gradwatch.store import STORE_ENV, default_store_path
 
@@ -34,12 +35,9 @@ _NUMERIC = ("#", "loss", "test acc", "first/last delta")
 
 
 def _num(value: Any, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if isinstance(value, float) and math.isinf(value):
-        return "inf"
-    if isinstance(value, float):
-        return f"{value:.{digits}g}"
+    """Floats with ``digits`` significant digits at any magnitude; other values as they print."""
+    if value is None or isinstance(value, float):
+        return format_number(value, digits, plain=(0.0, math.inf))
     return str(value)
 
 

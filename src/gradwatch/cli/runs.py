@@ -13,12 +13,14 @@ from rich.table import Table
 from rich.text import Text
 
 from gradwatch.cli import app, console, handle_errors
+from gradwatch.diagnose import Thresholds
 from gradwatch.errors import StoreError
+from gradwatch.numbers import delta_ratio, delta_ratio_series, delta_table, format_number
 from gradwatch.store import STORE_ENV, open_store
 
-# A layer whose back-propagated delta is this many times below the last layer's is
-# highlighted as vanishing (the same 1,000x that gradwatch.diagnose reports).
-VANISHING_RATIO = 1e-3
+# A layer whose back-propagated delta is this many times below the last weight layer's is
+# highlighted as vanishing: the threshold gradwatch.diagnose reports with.
+VANISHING_RATIO = Thresholds().vanishing_ratio
 
 StoreOption = Annotated[
     Path | None,
@@ -29,17 +31,26 @@ StoreOption = Annotated[
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if value == 0 or (1e-3 <= abs(value) < 1e4):
-        return f"{value:.{digits}f}".rstrip("0").rstrip(".") if value else "0"
-    return f"{value:.{digits - 1}e}"
+    """``digits`` decimals between 0.001 and 10^4 (trailing zeros dropped), else scientific."""
+    return format_number(value, digits, fixed=True)
 
 
 def _when(ts: float | None) -> str:
     if ts is None or (isinstance(ts, float) and math.isnan(ts)):
         return "-"
     return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _ratio_line(metrics: pd.DataFrame, step: int) -> Text:
+    """The run's delta ratio (:func:`gradwatch.numbers.delta_ratio`) at ``step`` and at the first
+    logged step: the number lab.json, diagnose and the report give.
+    """
+    series = delta_ratio_series(metrics)
+    first = int(series.index[0]) if len(series) else None
+    text = f"first/last weight layer delta: {_fmt(delta_ratio(metrics, step))} at step {step}"
+    if first is not None and first != step:
+        text += f", {_fmt(delta_ratio(metrics))} at the first logged step {first}"
+    return Text(text)
 
 
 @app.command()
@@ -92,8 +103,8 @@ def show(
             )
         at = metrics[metrics["step"] == chosen]
         params = at[at["kind"] == "param"]
-        last_delta = params["delta_rms"].dropna()
-        reference = float(last_delta.iloc[-1]) if len(last_delta) else math.nan
+        weights = delta_table(at)  # the delta ratio's layers: the reference is the last weight layer
+        reference = float(weights.iloc[0, -1]) if weights.size else math.nan
 
         title = f"run {info['id']} {info['name']!s} ({info['status']}), step {chosen}"
         table = Table(title=title + ": parameterised layers")
@@ -113,6 +124,7 @@ def show(
                 _fmt(row.update_ratio),
             )
         console.print(table)
+        console.print(_ratio_line(metrics, int(chosen)))
         acts = at[at["kind"] == "activation"]
         if not acts.empty:
             table = Table(

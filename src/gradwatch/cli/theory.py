@@ -14,6 +14,7 @@ from rich.table import Table
 from gradwatch import theory as mf
 from gradwatch.cli import app, console, handle_errors
 from gradwatch.errors import ConfigError
+from gradwatch.numbers import format_number
 
 if TYPE_CHECKING:
     from gradwatch.lab.meanfield import DeltaMeasurement
@@ -28,11 +29,8 @@ _MAX_ROWS = 24  # layers shown in the per-layer table; deeper nets show a sample
 
 
 def _fmt(value: float, digits: int = 4) -> str:
-    if math.isnan(value):
-        return "-"
-    if math.isinf(value):
-        return "inf"
-    return f"{value:.{digits}g}"
+    """``digits`` significant digits at any magnitude (the general format)."""
+    return format_number(value, digits, plain=(0.0, math.inf))
 
 
 def _prediction_table(p: mf.MeanFieldPrediction, depth: int, critical: float | None) -> Table:

@@ -32,8 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from gradwatch.errors import ConfigError
+from gradwatch.errors import ConfigError, check_int
 from gradwatch.lab.models import ModelConfig, describe
+from gradwatch.numbers import format_number as _format_number
 from gradwatch.store import RunStore
 
 __all__ = [
@@ -62,11 +63,6 @@ __all__ = [
 ]
 
 OPTIMIZERS = ("adam", "sgd")
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name}={value!r}; expected an integer >= {minimum}")
 
 
 @dataclass(frozen=True)
@@ -101,9 +97,9 @@ class TrainSettings:
             if not ok or (low is not None and value <= low) or (low is None and not 0 <= value < 1):
                 expected = "a finite number > 0" if low is not None else "a number in [0, 1)"
                 raise ConfigError(f"{name}={value!r}; expected {expected}")
-        _check_int("epochs", self.epochs, 1)
-        _check_int("batch_size", self.batch_size, 1)
-        _check_int("every", self.every, 1)
+        check_int("epochs", self.epochs, 1)
+        check_int("batch_size", self.batch_size, 1)
+        check_int("every", self.every, 1)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict, as stored in a run's config under ``train``."""
@@ -173,9 +169,11 @@ class ConfigSummary:
         run_ids: the finished runs, one per seed, in seed order.
         seeds: their seeds.
         test_acc: final test accuracy (fraction).
-        delta_ratio: first/last hidden layer delta RMS at initialisation (lab contract).
+        delta_ratio: first/last weight layer delta RMS at initialisation
+            (:func:`gradwatch.numbers.delta_ratio`, the lab contract).
         nonfinite: whether the run's loss or gradients went non-finite.
-        dead_frac: mean dead-unit fraction of the hidden activations at the last logged step.
+        dead_frac: mean dead-unit fraction of the activation layers at the last logged step
+            (:func:`gradwatch.numbers.dead_fraction`).
         findings: each run's main finding (e.g. ``"vanishing gradients"``).
     """
 
@@ -320,12 +318,13 @@ class Published:
 
 
 def format_number(x: float) -> str:
-    """Three significant digits between 0.01 and 10^4, else scientific (``"3.1e-05"``)."""
-    if x is None or not math.isfinite(x):
+    """Three significant digits between 0.01 and 10^4, else two (``"3.1e-05"``, ``"0.004"``):
+    :func:`gradwatch.numbers.format_number` as the lab's texts write numbers; ``"-"`` for
+    None, NaN and infinities.
+    """
+    if x is not None and math.isinf(x):
         return "-"
-    if x == 0 or 0.01 <= abs(x) < 1e4:
-        return f"{x:.3g}"
-    return f"{x:.2g}"
+    return _format_number(x, 3, plain=(0.01, 1e4), sci_digits=2, general=True)
 
 
 @dataclass(frozen=True)
@@ -430,7 +429,7 @@ class Preset:
         repeated = sorted(k for k, n in Counter(keys).items() if n > 1)
         if repeated:
             raise ConfigError(f"preset {self.name!r} repeats config key(s) {', '.join(repeated)}")
-        _check_int("seeds", self.seeds, 1)
+        check_int("seeds", self.seeds, 1)
         for row in self.published:
             if not isinstance(row, Published):
                 raise ConfigError(f"preset {self.name!r}: published holds {row!r}; expected Published rows")

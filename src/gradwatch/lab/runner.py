@@ -165,21 +165,21 @@ def finished_runs(store: RunStore, tasks: Sequence[RunTask]) -> dict[int, int]:
 
 
 def _delta_ratio(metrics) -> float:
-    """First over last hidden Linear/Conv delta RMS at the first logged step (lab contract)."""
-    p = metrics[(metrics["kind"] == "param") & metrics["layer"].str.startswith("hidden.")
-                & ~metrics["type"].str.contains("Norm")]
-    if p.empty:
-        return math.nan
-    p = p[p["step"] == p["step"].min()].sort_values("layer_id")
-    first, last = float(p["delta_rms"].iloc[0]), float(p["delta_rms"].iloc[-1])
-    return first / last if last else math.nan
+    """The run's delta ratio at the first logged step: :func:`gradwatch.numbers.delta_ratio`
+    (first/last weight layer, normalisation layers not counted; docs/lab-contract.md).
+    """
+    from gradwatch.numbers import delta_ratio
+
+    return delta_ratio(metrics)
 
 
 def _dead_fraction(metrics) -> float:
-    a = metrics[(metrics["kind"] == "activation") & metrics["layer"].str.startswith("hidden.")]
-    if a.empty:
-        return math.nan
-    return float(a[a["step"] == a["step"].max()]["dead_frac"].mean())
+    """Mean dead-unit fraction of the activation layers at the last logged step
+    (:func:`gradwatch.numbers.dead_fraction`).
+    """
+    from gradwatch.numbers import dead_fraction
+
+    return dead_fraction(metrics, "last")
 
 
 try:
@@ -193,27 +193,18 @@ _SEVERITY = {"critical": 4, "error": 3, "high": 3, "warning": 2, "medium": 2, "i
 
 def _main_finding(store: RunStore, run_id: int, ratio: float, nonfinite: bool, dead: float,
                   acc: float) -> str:
-    """The most severe stored finding's kind; without stored findings, a plain reading of
-    the numbers (first/last delta, non-finite values, dead units, accuracy).
+    """The most severe stored finding's title, else "no problem found".
+
+    Every finished run is diagnosed (:func:`_diagnose`), so the stored findings are the one
+    judgement of the run's numbers, with :class:`gradwatch.diagnose.Thresholds`; ``ratio``,
+    ``nonfinite``, ``dead`` and ``acc`` are not judged a second time here.
     """
     findings = store.findings(run_id)
     if not findings.empty:
         rank = findings["severity"].map(lambda s: _SEVERITY.get(str(s).lower(), 0))
         kind = str(findings.loc[rank.idxmax(), "kind"])
         return _KIND_TITLES.get(kind, kind.replace("_", " "))
-    if _diagnoser() is not None:
-        return "no problem found"
-    if nonfinite:
-        return "non-finite gradients (exploding)"
-    if ratio > 10:
-        return "exploding gradients"
-    if ratio < 1e-3:
-        return "vanishing gradients"
-    if dead >= 0.25:
-        return "dying ReLU (dead units)"
-    if acc < 0.2:
-        return "not learning"
-    return "healthy"
+    return "no problem found"
 
 
 def summarize(store: RunStore, preset: Preset, tasks: Sequence[RunTask],

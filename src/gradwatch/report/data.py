@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from gradwatch.errors import ConfigError, GradwatchError, StoreError
+from gradwatch.numbers import delta_ratio, weight_layers
 from gradwatch.store import RunStore, open_store
 
 __all__ = [
@@ -41,11 +42,6 @@ SCALARS = ("loss", "epoch", "train_loss", "test_loss", "test_acc")
 
 class NothingToPlot(GradwatchError, LookupError):
     """A figure was asked of runs that hold none of the data it draws."""
-
-
-def _weight_rows(metrics: pd.DataFrame) -> pd.DataFrame:
-    norm = metrics["type"].str.contains("Norm", regex=False)
-    return metrics[(metrics["kind"] == "param") & ~norm]
 
 
 @dataclass(frozen=True)
@@ -114,22 +110,19 @@ class RunData:
     @functools.cached_property
     def weight_layers(self) -> pd.DataFrame:
         """:attr:`metrics` rows of parameterised layers except normalisation (the depth axis)."""
-        return _weight_rows(self.metrics)
+        return weight_layers(self.metrics)
 
     @functools.cached_property
     def initial_profile(self) -> pd.DataFrame:
         """Weight layers at the first logged step, input side first."""
-        return _weight_rows(self.initial).sort_values("layer_id")
+        return weight_layers(self.initial).sort_values("layer_id")
 
     @functools.cached_property
     def delta_ratio(self) -> float:
-        """First/last parameterised layer delta RMS at the first logged step (lab contract)."""
-        p = self.initial[self.initial["kind"] == "param"].dropna(subset=["delta_rms"])
-        if len(p) < 2:
-            return math.nan
-        p = p.sort_values("layer_id")
-        last = float(p["delta_rms"].iloc[-1])
-        return float(p["delta_rms"].iloc[0]) / last if last else math.nan
+        """First/last weight layer delta RMS at the first logged step: the lab contract's
+        number, :func:`gradwatch.numbers.delta_ratio` (what ``lab.json`` and ``gradwatch show`` give).
+        """
+        return delta_ratio(self.initial)
 
     def final(self, name: str) -> float:
         """Last recorded value of a scalar (NaN if never recorded)."""

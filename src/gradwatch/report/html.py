@@ -12,13 +12,13 @@ import datetime as dt
 import html
 import io
 import json
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from matplotlib.figure import Figure
 
 from gradwatch import __version__
+from gradwatch.numbers import format_number
 from gradwatch.report import figures, meanfield, papers, papers_figures, verdicts
 from gradwatch.report.data import NothingToPlot, ReportData, RunData
 
@@ -32,11 +32,7 @@ def _e(value: object) -> str:
 
 
 def _num(value: float, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    if value == 0 or 1e-3 <= abs(value) < 1e4:
-        return f"{value:.{digits}g}"
-    return f"{value:.{digits - 1}e}"
+    return format_number(value, digits, missing="–")
 
 
 def _png(fig: Figure) -> tuple[str, int, int]:

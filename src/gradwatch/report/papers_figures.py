@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
+from gradwatch.numbers import delta_ratio_series
 from gradwatch.report._plot import GREEN, RED, new_figure, palette, plain, styled
 from gradwatch.report.data import NothingToPlot, ReportData, RunData
 
@@ -131,15 +132,9 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def _ratio_series(run: RunData) -> tuple[np.ndarray, np.ndarray]:
-    """Steps and first/last hidden weight layer delta RMS (BatchNorm and head not counted)."""
-    w = run.weight_layers
-    w = w[w["layer"].str.startswith("hidden.")]
-    if w.empty:
-        return np.array([]), np.array([])
-    wide = w.pivot_table(index="step", columns="layer_id", values="delta_rms")
-    first, last = wide.iloc[:, 0].to_numpy(float), wide.iloc[:, -1].to_numpy(float)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return wide.index.to_numpy(float), np.where(last > 0, first / last, np.nan)
+    """Steps and first/last weight layer delta RMS (:func:`gradwatch.numbers.delta_ratio_series`)."""
+    ratio = delta_ratio_series(run.metrics)
+    return ratio.index.to_numpy(float), ratio.to_numpy(float)
 
 
 @styled
@@ -192,7 +187,7 @@ def resnet_figure(data: ReportData) -> Figure:
     ax_ratio.axhline(1.0, color="0.4", lw=0.8, ls=":")
     ax_ratio.set_yscale("log")
     ax_ratio.set_xlabel("training step")
-    ax_ratio.set_ylabel("δ RMS first / last hidden layer")
+    ax_ratio.set_ylabel("δ RMS first / last weight layer")
     ax_ratio.set_title("gradient reaching the input (first seed)")
     ax_ratio.grid(alpha=0.25)
     ax_ratio.legend(frameon=False, fontsize=7, ncols=2)

@@ -33,7 +33,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from gradwatch.errors import ConfigError
+from gradwatch import numbers
+from gradwatch.errors import check_int
 from gradwatch.lab.models import ModelConfig
 from gradwatch.lab.presets import (
     Claim,
@@ -79,11 +80,6 @@ PUBLISHED_BORN_DEAD: dict[int, tuple[float, float]] = {2: (0.82, 0.88), 3: (0.45
 WATCH_TRAIN = TrainSettings(optimizer="adam", lr=1e-3, epochs=1, batch_size=64, every=5)
 
 
-def _check_positive(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name}={value!r}; expected an integer >= 1")
-
-
 @functools.lru_cache(maxsize=256)
 def born_dead_fraction(width: int, *, depth: int = HIDDEN_LAYERS, nets: int = MC_NETS,
                        inputs: int = MC_INPUTS, input_dim: int = INPUT_DIM, seed: int = 0,
@@ -113,7 +109,7 @@ def born_dead_fraction(width: int, *, depth: int = HIDDEN_LAYERS, nets: int = MC
     """
     for name, value in (("width", width), ("depth", depth), ("nets", nets), ("inputs", inputs),
                         ("input_dim", input_dim), ("chunk", chunk)):
-        _check_positive(name, value)
+        check_int(name, value, 1)
     gen = torch.Generator().manual_seed(seed)
     x = (torch.rand(inputs, input_dim, generator=gen) * 2 - 1) * math.sqrt(3.0)
     dead = 0
@@ -235,11 +231,12 @@ def _initial_dead(store: RunStore, run_id: int) -> tuple[float, int]:
     one of them is dead as a whole (the net is constant on that batch), else 0.
     """
     m = store.metrics(run_id, metrics=["dead_frac"])
-    a = m[(m["kind"] == "activation") & m["layer"].str.startswith("hidden.")]
-    if a.empty:
+    mean = numbers.dead_fraction(m, "first")
+    if math.isnan(mean):
         raise ValueError(f"run {run_id} recorded no hidden activations")
+    a = m[(m["kind"] == "activation") & m["dead_frac"].notna()]
     a = a[a["step"] == a["step"].min()]
-    return float(a["dead_frac"].mean()), int((a["dead_frac"] >= 1.0).any())
+    return mean, int((a["dead_frac"] >= 1.0).any())
 
 
 # --- the preset --------------------------------------------------------------------------------

@@ -19,8 +19,9 @@ same stacks without the shortcut. The optimiser is the lab's Adam, not the paper
 momentum 0.9 and lr 0.1 (which we did not tune for these nets).
 
 Telemetry: the watcher records delta RMS (the back-propagated error dL/d(output)) of every
-layer at every logged step; ``delta_ratio`` is the first over the last hidden conv layer's,
-at initialisation and over training. Below 1 it vanishes toward the input, above 1 it grows.
+layer at every logged step; ``delta_ratio`` is the first over the last weight layer's (the
+first conv over the head; BatchNorm not counted), at initialisation and over training.
+Below 1 it vanishes toward the input, above 1 it grows.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from gradwatch import numbers
 from gradwatch.lab.models import ModelConfig
 from gradwatch.lab.presets import (
     Claim,
@@ -98,17 +100,12 @@ def final_train_loss(summary: ConfigSummary, store: RunStore) -> tuple[float, ..
 
 
 def delta_ratio_series(store: RunStore, run_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(steps, ratio)``: first over last hidden conv (or linear) layer's delta RMS at each
-    logged step; BatchNorm layers and the head are not counted (docs/lab-contract.md).
+    """``(steps, ratio)``: the run's first over last weight layer delta RMS at each logged
+    step, :func:`gradwatch.numbers.delta_ratio_series` (BatchNorm layers not counted;
+    docs/lab-contract.md).
     """
-    m = store.metrics(run_id, metrics=["delta_rms"])
-    p = m[(m["kind"] == "param") & m["layer"].str.startswith("hidden.") & ~m["type"].str.contains("Norm")]
-    if p.empty:
-        return np.array([]), np.array([])
-    wide = p.pivot_table(index="step", columns="layer_id", values="delta_rms")
-    first, last = wide.iloc[:, 0].to_numpy(float), wide.iloc[:, -1].to_numpy(float)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return wide.index.to_numpy(float), np.where(last > 0, first / last, np.nan)
+    ratio = numbers.delta_ratio_series(store.metrics(run_id, metrics=["delta_rms"]))
+    return ratio.index.to_numpy(float), ratio.to_numpy(float)
 
 
 def _forward_std(store: RunStore, run_id: int) -> tuple[float, float]:
@@ -190,7 +187,7 @@ def _not_vanishing_claim(key: str) -> ClaimCheck:
             stds.append(_forward_std(store, run_id))
         low_std = min(lo for lo, _ in stds)
         held = min(lows) >= HEALTHY[0] and low_std >= 0.5
-        return Verdict(held, f"{s.label}: first/last hidden delta RMS at initialisation "
+        return Verdict(held, f"{s.label}: first/last delta RMS at initialisation "
                              + ", ".join(format_number(v) for v in inits)
                              + "; smallest over training " + ", ".join(format_number(v) for v in lows)
                              + f" (need >= {HEALTHY[0]:g}: not vanishing); BatchNorm outputs' std at "
@@ -213,7 +210,7 @@ def _healthy_norms_claim(key: str) -> ClaimCheck:
             highs.append(float(ratio.max()))
         low, high = HEALTHY
         held = all(low <= v <= high for v in meds + inits)
-        return Verdict(held, f"{s.label}: first/last hidden delta RMS at initialisation "
+        return Verdict(held, f"{s.label}: first/last delta RMS at initialisation "
                              f"{format_number(_geomean(inits))} (geometric mean over seeds), median over "
                              f"training {format_number(_geomean(meds))}, "
                              f"largest {format_number(max(highs))}; "
