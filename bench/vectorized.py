@@ -53,7 +53,7 @@ from typing import Any
 
 import torch
 
-from gradwatch.lab import runner, tasks
+from gradwatch.lab import tasks
 from gradwatch.lab.models import build_model
 from gradwatch.lab.presets import GridEntry, get_preset
 from gradwatch.lab.runner import RunTask, run_lab, run_task
@@ -281,7 +281,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     _TIMER.enabled = not args.training_only  # off: run_task's and run_group's _diagnose store no findings
     tasks.diagnoser = _TIMER  # the diagnosis after each run (lab.tasks.diagnose_run)
-    runner._diagnoser = _TIMER
     report: dict[str, Any] = {
         "preset": args.preset, "seeds": args.seeds, "threads": args.threads, "repeats": args.repeats,
         "training_only": args.training_only,

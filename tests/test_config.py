@@ -34,7 +34,7 @@ def test_config_is_frozen_and_replace_validates():
 @pytest.mark.parametrize(("options", "message"), [
     ({"every": 0}, "every=0; expected a positive int"),
     ({"every": "10"}, "every='10'"),
-    ({"weight_samples": -1}, "weight_samples=-1; expected a count >= 0"),
+    ({"weight_samples": -1}, "weight_samples=-1; expected an integer >= 0"),
     ({"activation_sample": 1.5}, "activation_sample=1.5"),
     ({"window": "yes"}, "window='yes'; expected True, False or None"),
     ({"include": [3]}, "include takes module-name patterns"),

@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 
 from gradwatch.alerts import Action, resolve_alerts
-from gradwatch.errors import ConfigError
+from gradwatch.errors import ConfigError, check_int
 from gradwatch.recorder import ACTIVATION_SAMPLE, DEFAULT_EVERY, WEIGHT_SAMPLES
 
 __all__ = ["WatchConfig", "Selector", "DEFAULT_EVERY"]
@@ -64,12 +64,8 @@ class WatchConfig:
         for name in ("activation_stats", "warn"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r}; expected True or False")
-        if _not_count(self.weight_samples):
-            raise ConfigError(f"weight_samples={self.weight_samples!r}; expected a count >= 0 (0: none)")
-        if _not_count(self.activation_sample):
-            raise ConfigError(
-                f"activation_sample={self.activation_sample!r}; expected a sample size >= 0 (0: every input)"
-            )
+        check_int("weight_samples", self.weight_samples, 0, "a count of weights per layer; 0: none")
+        check_int("activation_sample", self.activation_sample, 0, "a sample size; 0: every input")
         if self.window is not None and not isinstance(self.window, bool):
             raise ConfigError(f"window={self.window!r}; expected True, False or None (on where it is cheap)")
         for name in ("include", "exclude"):
@@ -124,10 +120,6 @@ class WatchConfig:
     def every_value(self) -> int | str:
         """``every`` as stored in a run's config: the int, or the callable's name."""
         return self.every if isinstance(self.every, int) else getattr(self.every, "__name__", "callable")
-
-
-def _not_count(value: Any) -> bool:
-    return isinstance(value, bool) or not isinstance(value, int) or value < 0
 
 
 def should_log(every: int | Callable[[int], bool]) -> Callable[[int], bool]:

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from gradwatch.activations import activation_for_module, get_activation
 from gradwatch.diagnose import FIXES, Finding, Prescription, Thresholds, delta_ratios, diagnose
-from gradwatch.errors import ConfigError, DataError, GradwatchError
+from gradwatch.errors import ConfigError, DataError, GradwatchError, check_int
 from gradwatch.store import RunStore
 from gradwatch.watch import watch
 
@@ -782,8 +782,7 @@ def prescribe(
 
 def _check_settings(steps: int, lr: float, optimizer: str, batch_size: int, workers: int) -> None:
     for name, value in (("steps", steps), ("batch_size", batch_size), ("workers", workers)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name}={value!r}; expected an integer >= 1")
+        check_int(name, value, 1)
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (lr > 0 and math.isfinite(lr)):
         raise ConfigError(f"lr={lr!r}; expected a positive number such as 3e-3")
     if optimizer not in ("adam", "sgd"):

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gradwatch.errors import ConfigError, DataError
+from gradwatch.errors import ConfigError, DataError, check_int
 
 __all__ = [
     "BUILTIN_DATASETS",
@@ -218,8 +218,7 @@ def iterate_minibatches(
         shuffle: draw a fresh permutation each call. Default: True.
         drop_last: skip a last batch smaller than ``batch_size``. Default: False.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size={batch_size!r}; expected an integer >= 1")
+    check_int("batch_size", batch_size, 1)
     n = x.shape[0]
     if y.shape[0] != n:
         raise DataError(f"x has {n} examples but y has {y.shape[0]} labels; expected equal")
@@ -384,8 +383,7 @@ def _all_numbers(cells: list[str]) -> bool:
 
 
 def _check_split_args(seed: int, test_fraction: float) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ConfigError(f"seed={seed!r}; expected an integer >= 0")
+    check_int("seed", seed, 0)
     if not 0.0 < test_fraction < 1.0:
         raise ConfigError(f"test_fraction={test_fraction!r}; expected a number in (0, 1)")
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gradwatch.errors import ConfigError
+from gradwatch.errors import check_int
 from gradwatch.store import RunStore
 from gradwatch.theory import (
     ActivationLike,
@@ -114,8 +114,7 @@ def measure_delta_profile(
     name = activation_name(activation)
     sigma_w2, sigma_b2, depth = check_network(sigma_w2, sigma_b2, depth)
     for arg, value in (("seeds", seeds), ("batch", batch), ("width", width)):
-        if not (isinstance(value, int) and value >= 1):
-            raise ConfigError(f"{arg}={value!r}; expected an integer >= 1")
+        check_int(arg, value, 1)
     if q0 is None:
         q0 = fixed_point_input(activation, sigma_w2, sigma_b2)
     tmp = tempfile.TemporaryDirectory(prefix="gradwatch-theory-") if store is None else None

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from gradwatch.activations import Activation, get_activation
-from gradwatch.errors import ConfigError
+from gradwatch.errors import ConfigError, check_int
 
 __all__ = [
     "INIT_NAMES",
@@ -187,8 +187,7 @@ def _check_number(name: str, value: object, *, allow_zero: bool) -> None:
 
 
 def _check_int(name: str, value: object, *, minimum: int, hint: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name}={value!r}; expected an integer >= {minimum} ({hint})")
+    check_int(name, value, minimum, hint)
 
 
 # --- initialisations ----------------------------------------------------------------------

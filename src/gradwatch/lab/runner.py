@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from gradwatch.errors import ConfigError, GradwatchError
+from gradwatch.errors import ConfigError, GradwatchError, check_int
 from gradwatch.lab.data import BUILTIN_DATASETS, load_dataset
 from gradwatch.lab.presets import (
     ConfigSummary,
@@ -47,7 +47,6 @@ from gradwatch.lab.tasks import (
     diagnose_run,
     train_task,
 )
-from gradwatch.lab.tasks import diagnoser as _diagnoser
 from gradwatch.lab.vectorized import SeedGroup, plan_runs, run_group
 from gradwatch.store import RunStore
 
@@ -317,11 +316,6 @@ class LabResult:
         return path
 
 
-def _check_count(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name}={value!r}; expected an integer >= 1")
-
-
 def run_lab(
     preset: str | Preset = "seed",
     *,
@@ -363,11 +357,11 @@ def run_lab(
     started = time.perf_counter()
     spec = preset if isinstance(preset, Preset) else get_preset(preset)
     seeds = spec.seeds if seeds is None else seeds
-    _check_count("seeds", seeds)
+    check_int("seeds", seeds, 1)
     if epochs is not None:
-        _check_count("epochs", epochs)
+        check_int("epochs", epochs, 1)
     if workers is not None:
-        _check_count("workers", workers)
+        check_int("workers", workers, 1)
     out_dir = Path(out) if out is not None else default_out_dir(spec.name)
     out_dir = out_dir.expanduser()
     cache_dir = out_dir / "data"
