@@ -145,3 +145,14 @@ def test_import_gradwatch_does_not_load_the_lab():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(SRC)})
     assert out.stdout.strip() == "", f"import gradwatch loaded {out.stdout.strip()}"
+
+
+def test_watch_and_diagnose_have_no_import_cycle():
+    """Data flows one way: hooks -> recorder -> store -> readers (the watcher never imports a reader)."""
+    graph = import_graph()
+    assert import_cycle("gradwatch.watch", "gradwatch.diagnose", graph) is None
+    # (watch(ui=True) starts the live page, a reader in a thread of its own: that import is the one)
+    for reader in ("gradwatch.diagnose", "gradwatch.report", "gradwatch.lab.runner", "gradwatch.prescribe"):
+        assert import_path(graph, "gradwatch.watch", reader) is None, reader
+    for engine in ("gradwatch.recorder", "gradwatch.thresholds", "gradwatch.config"):
+        assert import_path(graph, engine, "gradwatch.watch") is None, engine

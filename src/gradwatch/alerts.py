@@ -4,7 +4,7 @@ A rule maps a *kind* of alert to an *action*::
 
     watch(model, opt, alerts={"nonfinite": "stop", "exploding": my_callback})
 
-Kinds (judged by :class:`gradwatch.diagnose.Thresholds`, as :func:`gradwatch.diagnose.live_check`):
+Kinds (judged by :class:`gradwatch.thresholds.Thresholds`, in :func:`gradwatch.thresholds.live_alert`):
 
 * ``"nonfinite"``: a parameter's gradient holds inf or NaN. Checked on **every** step
   when the window is on (the per-step gradient norms of the windowed extremes), at the

@@ -20,17 +20,17 @@ measurements on grids of MLPs (docs/diagnosis.md has the numbers).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
 
-from gradwatch.errors import ConfigError, check_int
-from gradwatch.numbers import delta_ratios_of, delta_table, format_number, is_norm_type, layers_over
+from gradwatch.errors import ConfigError
+from gradwatch.numbers import delta_ratios_of, delta_table, format_number, layers_over
 from gradwatch.store import RunStore
+from gradwatch.thresholds import Thresholds, live_alert
 
 __all__ = [
     "KINDS",
@@ -54,85 +54,6 @@ KINDS = {
     "not_enough_data": "not enough data",
 }
 _SEVERITY_ORDER = {"critical": 0, "warning": 1, "info": 2}
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """Every number :func:`diagnose` and :func:`live_check` judge by.
-
-    The defaults come from a grid of MLPs on digits (sigmoid, tanh, ReLU, LeakyReLU,
-    batch norm, residual; depths 2-20; 3-5 seeds; Adam and SGD): docs/diagnosis.md has
-    the measured distributions and the margin each value leaves.
-
-    Attributes:
-        vanishing_ratio: a layer's delta RMS below this fraction of the last layer's is
-            starved of gradient; the run vanishes when the first layer is. Default: 1e-3
-            (healthy nets never went below 0.045; sigmoid nets of depth >= 10 never above 2e-9).
-        exploding_ratio: first/last delta ratio above which gradients explode on their
-            way back. Default: 1e3 (healthy at most 25, from batch norm at depth 20; ReLU
-            with sigma_w2 = 8 at depth 20 at least 3.7e3).
-        exploding_growth: total gradient norm above this multiple of its median over
-            the first tenth of the logged steps is exploding too. Default: 1e3.
-        persistence: fraction of logged steps a condition must hold to be persistent
-            (critical); vanishing or exploding only at the first logged step
-            (initialisation) is a warning. Default: 0.5.
-        dead_frac: a layer whose median fraction of dead units (derivative zero on the
-            whole batch) exceeds this is reported. Default: 0.6 (ReLU+He at most 0.41; the
-            lab's dying net at least 0.625).
-        saturated_frac: a layer whose median fraction of inputs in the flat tails
-            (phi' < 0.1 max phi') exceeds this is reported. Default: 0.5 (batch-norm and
-            Xavier nets at most 0.16).
-        plateau_rel_change: the loss is on a plateau while its smoothed value moves by
-            less than this fraction of itself. Default: 0.02.
-        plateau_min_steps: shortest plateau reported, in training steps. Default: 100.
-        plateau_level: only a plateau above this fraction of the starting loss is a
-            problem (a converged loss is flat too). Default: 0.5.
-        update_ratio_low: median ``||update|| / ||w||`` below this: the layer is frozen.
-            Default: 1e-6 (healthy layers at least 9e-5).
-        update_ratio_high: median update ratio above this: each step rewrites the layer.
-            Default: 0.1 (healthy layers at most 0.013).
-        min_logged_steps: fewer logged steps than this yield only a "not enough data"
-            finding. Default: 3.
-    """
-
-    vanishing_ratio: float = 1e-3
-    exploding_ratio: float = 1e3
-    exploding_growth: float = 1e3
-    persistence: float = 0.5
-    dead_frac: float = 0.6
-    saturated_frac: float = 0.5
-    plateau_rel_change: float = 0.02
-    plateau_min_steps: int = 100
-    plateau_level: float = 0.5
-    update_ratio_low: float = 1e-6
-    update_ratio_high: float = 0.1
-    min_logged_steps: int = 3
-
-    def __post_init__(self) -> None:
-        def check(name: str, low: float, high: float | None = None) -> None:
-            value = getattr(self, name)
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            if not ok or value <= low or (high is not None and value > high):
-                bound = f"> {low}" + (f" and <= {high}" if high is not None else "")
-                raise ConfigError(f"Thresholds.{name}={value!r}; expected a finite number {bound}")
-
-        for name in ("vanishing_ratio", "persistence", "dead_frac", "saturated_frac", "plateau_level"):
-            check(name, 0.0, 1.0)
-        for name in ("exploding_ratio", "exploding_growth"):
-            check(name, 1.0)
-        check("plateau_rel_change", 0.0)
-        check("update_ratio_low", 0.0)
-        check("update_ratio_high", self.update_ratio_low if isinstance(self.update_ratio_low, float) else 0.0)
-        for name in ("plateau_min_steps", "min_logged_steps"):
-            check_int(f"Thresholds.{name}", getattr(self, name), 1)
-
-    def replace(self, **changes: Any) -> Thresholds:
-        """A copy with some values changed, e.g. ``Thresholds().replace(vanishing_ratio=1e-4)``."""
-        known = {f.name for f in fields(self)}
-        unknown = sorted(set(changes) - known)
-        if unknown:
-            raise ConfigError(f"unknown threshold(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return Thresholds(**{**asdict(self), **changes})
 
 
 @dataclass(frozen=True)
@@ -216,10 +137,25 @@ class Finding:
 # --- reading the run ---------------------------------------------------------------------
 
 
+@runtime_checkable
+class WatchedRun(Protocol):
+    """What :func:`diagnose` reads of a :class:`gradwatch.Watcher` (or of anything recording like one).
+
+    Its run lives in :attr:`store` under :attr:`run_id`; while :attr:`attached`,
+    :meth:`flush` writes what is still queued.
+    """
+
+    run_id: int
+    store: RunStore
+
+    @property
+    def attached(self) -> bool: ...  # noqa: D102
+
+    def flush(self) -> None: ...  # noqa: D102
+
+
 def _load(run: Any, store: RunStore | str | None, scalars: pd.DataFrame | None):
     """(metrics, scalars, store or None, run id or None, whether diagnose opened the store)."""
-    from gradwatch.watch import Watcher  # local: watch imports heavy torch machinery
-
     if isinstance(run, pd.DataFrame):
         missing = [c for c in ("step", "layer_id", "layer", "kind", "delta_rms") if c not in run.columns]
         if missing:
@@ -228,7 +164,7 @@ def _load(run: Any, store: RunStore | str | None, scalars: pd.DataFrame | None):
                 f"per-layer metrics of RunStore.metrics(run_id) or Watcher.metrics()"
             )
         return run, scalars, None, None, False
-    if isinstance(run, Watcher):
+    if isinstance(run, WatchedRun):
         if run.attached:
             run.flush()
         st, opened = run.store, False
@@ -982,44 +918,7 @@ def live_check(
     run_id: int | None = None,
     layer_types: Mapping[str, str] | None = None,
 ) -> str | None:
-    """A one-line warning about one logged step, or None when the step looks healthy.
-
-    The watcher calls it when a logged step closes; the judgement is :func:`diagnose`'s
-    on a single step: non-finite gradients, or a first/last delta ratio below
-    ``vanishing_ratio`` or above ``exploding_ratio``.
-
-    Args:
-        layer_deltas: ``delta_rms`` of each parameterised layer, by name, in forward order.
-        total_grad_norm: the step's total gradient norm (None if not measured).
-        nonfinite: number of parameters whose gradient is inf or NaN.
-        thresholds: Default: ``Thresholds()``.
-        run_id: named in the message's pointer to ``gradwatch show``.
-        layer_types: each layer's type (module class name), by name: the first/last ratio
-            then runs over the weight layers only, normalisation layers left out, as
-            :func:`gradwatch.numbers.delta_ratio` defines it. Default: every layer given.
-    """
-    t = thresholds if thresholds is not None else Thresholds()
-    where = f"; see `gradwatch show {run_id}`" if run_id is not None else "; see `gradwatch show RUN`"
-    grad_bad = total_grad_norm is not None and not math.isfinite(total_grad_norm)
-    names = [k for k, v in layer_deltas.items() if v is not None and not math.isnan(v)]
-    bad_deltas = [k for k in names if math.isinf(layer_deltas[k])]
-    if nonfinite or grad_bad or bad_deltas:
-        what = f"{nonfinite} parameter(s)" if nonfinite else "the total gradient norm"
-        origin = f", first at layer '{bad_deltas[-1]}' (counting from the output)" if bad_deltas else ""
-        return f"gradwatch: non-finite gradients in {what}{origin}{where}"
-    if layer_types is not None:
-        names = [k for k in names if not is_norm_type(layer_types.get(k, ""))]
-    if len(names) < 2:
-        return None
-    first, last = layer_deltas[names[0]], layer_deltas[names[-1]]
-    if last <= 0:
-        return None
-    ratio = first / last
-    if ratio < t.vanishing_ratio:
-        onset = next((k for k in reversed(names) if layer_deltas[k] / last < t.vanishing_ratio), names[0])
-        return (f"gradwatch: vanishing gradients: the delta at '{names[0]}' is {_fmt(ratio)} of the "
-                f"last layer's; it falls {1 / t.vanishing_ratio:,.0f}x below at '{onset}'{where}")
-    if ratio > t.exploding_ratio:
-        return (f"gradwatch: exploding gradients: the delta at '{names[0]}' is {_fmt(ratio)} times the "
-                f"last layer's ('{names[-1]}'){where}")
-    return None
+    """The message of :func:`gradwatch.thresholds.live_alert` (same arguments), or None."""
+    alert = live_alert(layer_deltas, total_grad_norm, nonfinite, thresholds, run_id=run_id,
+                       layer_types=layer_types)
+    return alert.message if alert is not None else None

@@ -82,6 +82,7 @@ from gradwatch.recorder import (
 )
 from gradwatch.stats import weight_block
 from gradwatch.store import RunStore
+from gradwatch.thresholds import live_alert
 
 __all__ = ["watch", "Watcher", "DEFAULT_EVERY"]
 
@@ -834,16 +835,15 @@ class Watcher:
             found.append(self._nonfinite_alert(first_bad))
         judged = [k for k in ("vanishing", "exploding") if self._alerts[k] != "ignore"]
         if judged:
-            from gradwatch.diagnose import live_check
-
             params = sorted(
                 (lay for lay in self._param_layers if lay.layer_id in deltas), key=lambda lay: lay.layer_id
             )
             by_name = {lay.name: deltas[lay.layer_id] for lay in params}
-            text = live_check(by_name, None, 0, self._thresholds, run_id=self.run_id)
-            kind = next((k for k in judged if text and text.startswith(f"gradwatch: {k}")), None)
-            if kind is not None:
-                found.append(Alert(kind, record.step, text, None, self.run_id))
+            types = {lay.name: type(lay.module).__name__ for lay in params}
+            alert = live_alert(by_name, None, 0, self._thresholds, step=record.step, run_id=self.run_id,
+                               layer_types=types)
+            if alert is not None and alert.kind in judged:  # non-finite values: judged above, by step
+                found.append(alert)
         for alert in found:
             self._act(alert)
 
@@ -1078,7 +1078,7 @@ def watch(
             both come from one copy. 0 turns it off.
         warn: warn (:class:`~gradwatch.errors.GradientWarning`, once per kind per run)
             when a logged step shows non-finite, vanishing or exploding gradients, by
-            :func:`gradwatch.diagnose.live_check`'s thresholds, pointing to ``gradwatch show``.
+            :func:`gradwatch.thresholds.live_alert`'s thresholds, pointing to ``gradwatch show``.
         include: watch only these modules: name patterns (``fnmatch``, e.g.
             ``"encoder.layer.*"``) or module types (``nn.Linear``). Default: all.
         exclude: do not watch these modules (same forms). ``total_grad_norm`` always
