@@ -65,8 +65,11 @@ def cluster():
 
 
 def _frames(store, run_id):
+    """Every table of a run (the wall clock aside): metrics, scalars, layers, tracked weights."""
     scalars = store.scalars(run_id)
-    return store.metrics(run_id), scalars.drop(columns="wall_time"), store.layers(run_id)
+    weights = store.weight_samples(run_id)
+    assert len(weights) > 0  # "weights against epochs" must come back from the workers
+    return store.metrics(run_id), scalars.drop(columns="wall_time"), store.layers(run_id), weights
 
 
 @pytest.mark.integration

@@ -88,8 +88,10 @@ def test_runs_follow_the_lab_contract(tiny_lab):
                 assert ends[["train_loss", "test_loss", "test_acc"]].notna().all().all()
                 accs.append(ends["test_acc"].iloc[-1])
                 m = store.metrics(run_id)
-                first = m[(m["step"] == 0) & (m["layer"].isin(["hidden.0.linear", "hidden.1.linear"]))]
-                ratios.append(first["delta_rms"].iloc[0] / first["delta_rms"].iloc[1])
+                # docs/lab-contract.md: first over last weight layer (the head counted), first logged step
+                weights = m[(m["step"] == 0) & (m["kind"] == "param") & ~m["type"].str.contains("Norm")]
+                weights = weights.sort_values("layer_id")["delta_rms"]
+                ratios.append(weights.iloc[0] / weights.iloc[-1])
             assert entry["test_acc_mean"] == pytest.approx(np.mean(accs))
             assert entry["test_acc_std"] == pytest.approx(np.std(accs, ddof=1))
             assert entry["delta_ratio_mean"] == pytest.approx(np.mean(ratios))

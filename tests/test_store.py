@@ -363,3 +363,83 @@ def test_writes_arriving_together_commit_as_one_transaction(store, monkeypatch):
     assert len(store.scalars(run)) == 10
     assert 1 <= len(commits) <= 3, commits  # one per step (10) before
     assert sum(commits) == 20  # each add_scalars queues its rows and the run's updated_at
+
+
+# --- copying a run ------------------------------------------------------------------------------
+
+
+def _watched_run(path):
+    """A real watched run (layers, metrics with a non-finite value, scalars, tracked weights, findings)."""
+    import torch
+    from torch import nn
+
+    import gradwatch
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with RunStore(path) as store:
+        with gradwatch.watch(model, opt, every=2, store=store, run_name="src", warn=False) as w:
+            for _ in range(6):
+                opt.zero_grad()
+                model(torch.randn(16, 4)).pow(2).mean().backward()
+                opt.step()
+                w.log(loss=1.0, spike=math.inf)
+        gradwatch.diagnose(w.run_id, store=store)
+        return w.run_id
+
+
+def _everything(store, run_id):
+    """Every row a run has, table by table, as comparable plain values (ids and clocks aside)."""
+    info = store.run(run_id)
+    return {
+        "run": {k: info[k] for k in ("name", "config", "status", "error", "created_at", "finished_at",
+                                     "pid", "host")},
+        "layers": store.layers(run_id).to_dict("records"),
+        "metrics": store.metrics(run_id).fillna(-1.0).to_dict("records"),
+        "scalars": store.scalars(run_id).fillna(-1.0).to_dict("records"),
+        "weights": store.weight_samples(run_id).to_dict("records"),
+        "findings": store.findings(run_id).drop(columns=["created_at"]).to_dict("records"),
+    }
+
+
+def test_copy_run_keeps_every_row_of_every_table(tmp_path):
+    run_id = _watched_run(tmp_path / "a.db")
+    with RunStore(tmp_path / "a.db") as src, RunStore(tmp_path / "b.db") as dst:
+        dst.create_run("already there")  # the copy gets a new id
+        assert set(src.run_tables()) == {"layers", "layer_metrics", "scalars", "weight_samples", "findings"}
+        new_id = src.copy_run(run_id, dst)
+        assert new_id != run_id
+        want, got = _everything(src, run_id), _everything(dst, new_id)
+        assert len(want["weights"]) == 3 * 2 * 8 and want["findings"] and want["metrics"]
+        assert math.isinf(src.scalars(run_id)["spike"].iloc[0])  # non-finite values stay as recorded
+        assert got == want
+        # every table with a run_id column holds as many rows of the copy as of the original
+        for table in src.run_tables():
+            count = f"SELECT COUNT(*) FROM {table} WHERE run_id = ?"
+            assert dst._rows(count, (new_id,)) == src._rows(count, (run_id,)), table
+
+
+def test_copy_run_into_a_path_and_its_errors(tmp_path):
+    run_id = _watched_run(tmp_path / "a.db")
+    with RunStore(tmp_path / "a.db") as src:
+        new_id = src.copy_run("src", tmp_path / "new" / "c.db")  # by name, into a store it creates
+        with RunStore(tmp_path / "new" / "c.db", create=False) as dst:
+            assert _everything(dst, new_id) == _everything(src, run_id)
+        with pytest.raises(StoreError, match="is the store the run is in"):
+            src.copy_run(run_id, src)
+        with pytest.raises(RunNotFoundError):
+            src.copy_run(999, tmp_path / "d.db")
+    assert src.closed
+
+
+def test_ray_packs_and_unpacks_a_run_with_every_table(tmp_path):
+    from gradwatch.integrations.ray import dump_run, load_run
+
+    run_id = _watched_run(tmp_path / "worker.db")
+    packed = dump_run(tmp_path / "worker.db", run_id)
+    assert isinstance(packed, bytes)
+    with RunStore(tmp_path / "driver.db") as driver, RunStore(tmp_path / "worker.db") as worker:
+        new_id = load_run(driver, packed)
+        assert _everything(driver, new_id) == _everything(worker, run_id)
+        assert len(driver.weight_samples(new_id)) == 48

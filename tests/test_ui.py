@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 
 from gradwatch.cli import app
 from gradwatch.store import RunStore
+from gradwatch.store_reader import StoreReader
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
@@ -144,7 +145,7 @@ def test_bucket_width_is_the_smallest_power_of_two_that_fits(last_step, points, 
 )
 def test_buckets_match_pandas_min_max_last(ui_store, width):
     path, plain, _ = ui_store
-    conn = queries.connect(path)
+    conn = StoreReader(path)
     got = queries.layer_buckets(conn, plain, width=width)
     with RunStore(path, create=False) as store:
         ref = store.metrics(plain)
@@ -188,7 +189,7 @@ def _merge_pairs(entry: dict, metric: str, width: int) -> dict[int, tuple[float,
 
 def test_merging_buckets_is_exact_so_the_page_can_halve_its_resolution(ui_store):
     path, plain, _ = ui_store
-    conn = queries.connect(path)
+    conn = StoreReader(path)
     fine = {e["id"]: e for e in queries.layer_buckets(conn, plain, width=4)["layers"]}
     coarse = {e["id"]: e for e in queries.layer_buckets(conn, plain, width=8)["layers"]}
     for lid in (0, 1):
@@ -207,7 +208,7 @@ def test_merging_buckets_is_exact_so_the_page_can_halve_its_resolution(ui_store)
     np.testing.assert_allclose(
         _decode(samples[0]["delta_rms"]["last"]), _decode(coarse[0]["delta_rms"]["last"])
     )
-    assert queries.estimated_rows(conn, plain, 6) == 20 * 6
+    assert conn.estimated_rows(plain, 6) == 20 * 6
 
 
 def test_a_long_run_is_sampled_first_then_exact_and_kept_up_to_date(ui_store, monkeypatch):
@@ -215,19 +216,19 @@ def test_a_long_run_is_sampled_first_then_exact_and_kept_up_to_date(ui_store, mo
 
     path, plain, _ = ui_store
     monkeypatch.setattr(ui_app, "_QUICK_ROWS", 10)  # every run is "long"
-    conn = queries.connect(path)
+    conn = StoreReader(path)
     # what the cache does: buckets read up to some step, merged with the buckets after it
-    raw = queries.bucket_table(conn, plain, queries.PAGE_METRICS, width=1)[0]
+    raw = conn.bucket_table(plain, queries.PAGE_METRICS, width=1)[0]
     early = queries.merge_tables(raw[raw[:, 1] <= 12], raw[:0], 8)
-    late = queries.bucket_table(conn, plain, queries.PAGE_METRICS, width=8, after=12)[0]
-    whole = queries.bucket_table(conn, plain, queries.PAGE_METRICS, width=8)[0]
+    late = conn.bucket_table(plain, queries.PAGE_METRICS, width=8, after=12)[0]
+    whole = conn.bucket_table(plain, queries.PAGE_METRICS, width=8)[0]
     np.testing.assert_array_equal(queries.merge_tables(early, late, 8), whole)
     with TestClient(ui_app.create_app(path), base_url="http://127.0.0.1") as c:
         quick = c.get(f"/api/runs/{plain}/series?points=10&quick=1").json()
         assert quick["partial"] is True and "min" not in quick["metrics"]["layers"][0]["delta_rms"]
         for _ in range(2):  # the second time from the cache, extended by the new rows
             exact = c.get(f"/api/runs/{plain}/series?width=4").json()["metrics"]
-            assert exact == queries.layer_buckets(queries.connect(path), plain, width=4)
+            assert exact == queries.layer_buckets(StoreReader(path), plain, width=4)
             with RunStore(path) as store:
                 store.add_layer_metrics(plain, [(41, lid, [0.5] * 10) for lid in range(6)])
         assert exact["upto"] == 41
@@ -236,9 +237,8 @@ def test_a_long_run_is_sampled_first_then_exact_and_kept_up_to_date(ui_store, mo
 def test_the_connection_is_read_only_and_the_store_file_is_untouched(ui_store, client):
     path, plain, _ = ui_store
     before = (path.stat().st_mtime_ns, path.stat().st_size)
-    conn = queries.connect(path)
-    with pytest.raises(sqlite3.OperationalError, match="readonly|read-only"):
-        conn.execute("DELETE FROM runs")
+    with StoreReader(path) as reader:
+        assert reader.read_only  # opened mode=ro, query_only on: SQLite refuses any write through it
     for url in ("/api/runs", f"/api/runs/{plain}", f"/api/runs/{plain}/series?width=4"):
         assert client.get(url).status_code == 200
     assert (path.stat().st_mtime_ns, path.stat().st_size) == before

@@ -168,7 +168,7 @@ def _load(run: Any, store: RunStore | str | None, scalars: pd.DataFrame | None):
         if run.attached:
             run.flush()
         st, opened = run.store, False
-        if st._conn is None:  # the watcher owned its store and closed it on detach
+        if st.closed:  # the watcher owned its store and closed it on detach
             st, opened = RunStore(st.path, create=False), True
         return st.metrics(run.run_id), st.scalars(run.run_id), st, run.run_id, opened
     if isinstance(run, bool) or not isinstance(run, (int, str, np.integer)):

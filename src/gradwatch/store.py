@@ -193,7 +193,8 @@ def _retry(fn, what: str, deadline_s: float = 600.0):
             delay = min(delay * 2, 0.5)
 
 
-def _pid_alive(pid: int | None) -> bool:
+def pid_alive(pid: int | None) -> bool:
+    """Whether a process ``pid`` runs on this host (a permission error means it does)."""
     if not pid:
         return False
     try:
@@ -213,6 +214,17 @@ _INSERT_WEIGHT_SAMPLES = (
     "INSERT OR REPLACE INTO weight_samples(run_id, step, layer_id, idx, value) VALUES (?, ?, ?, ?, ?)"
 )
 _FLAG_BITS = np.array([1 << i for i in range(len(LAYER_METRICS))], dtype=np.int64)
+
+
+def run_status(status: str, host: str | None, pid: int | None) -> str:
+    """A run's status as readers show it: ``interrupted`` for a run still marked ``running``
+    whose process is gone from this host (killed, crashed, or never detached), else ``status``.
+
+    A run recorded on another host keeps ``running``: its process cannot be seen from here.
+    """
+    if status == "running" and host == socket.gethostname() and not pid_alive(pid):
+        return "interrupted"
+    return status
 
 
 def _clean(value: float | None) -> float | None:
@@ -626,6 +638,86 @@ class RunStore:
                 self._conn = None  # type: ignore[assignment]
         _open_stores.discard(self)
 
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close`."""
+        return self._conn is None
+
+    # -- copying ---------------------------------------------------------------
+
+    def run_tables(self) -> list[str]:
+        """The tables holding a run's rows besides ``runs``: every table with a ``run_id`` column.
+
+        Read from the schema itself, so a table added in a later version is copied too.
+        """
+        query = "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name"
+        names = [r[0] for r in self._rows(query)]
+        return [n for n in names if "run_id" in self._columns(n)]
+
+    def _columns(self, table: str) -> list[str]:
+        return [r[1] for r in self._rows(f"PRAGMA table_info({table})")]
+
+    def copy_run(self, run: int | str, dst: RunStore | str | os.PathLike) -> int:
+        """Copy every row of ``run`` into the store ``dst``; returns the run's id there.
+
+        The run's own row (name, config, status, error, times, process and host) and its
+        rows in every table of :meth:`run_tables` (layers, layer metrics with their
+        non-finite flags, scalars, tracked weights, findings) are copied as stored, in one
+        transaction: ``dst`` holds all of the run or none of it. ``dst`` may be a path (the
+        store is created if missing).
+
+        Raises:
+            RunNotFoundError: ``run`` is not in this store.
+            StoreError: ``dst`` is this very store, or cannot be written.
+        """
+        run_id = self.resolve(run)
+        target = dst if isinstance(dst, RunStore) else RunStore(dst)
+        try:
+            if target.path.resolve() == self.path.resolve():
+                raise StoreError(
+                    f"copy_run: the destination {target.path} is the store the run is in; copy it "
+                    f"into another store"
+                )
+            self.flush()
+            target.flush()
+            run_columns = [c for c in self._columns("runs") if c != "id"]
+            (run_row,) = self._rows(f"SELECT {', '.join(run_columns)} FROM runs WHERE id = ?", (run_id,))
+            tables = {}
+            for table in self.run_tables():
+                columns = [c for c in self._columns(table) if c != "id"]  # findings' own ids are new
+                have = set(target._columns(table)) if table in target.run_tables() else set()
+                columns = [c for c in columns if c in have]
+                rows = self._rows(f"SELECT {', '.join(columns)} FROM {table} WHERE run_id = ?", (run_id,))
+                tables[table] = (columns, rows)
+            return _retry(lambda: target._insert_run(run_columns, run_row, tables), f"copying run {run_id}")
+        finally:
+            if target is not dst:
+                target.close()
+
+    def _insert_run(self, run_columns: list[str], run_row: tuple,
+                    tables: dict[str, tuple[list[str], list[tuple]]]) -> int:
+        """Insert a run's row and its tables' rows in one transaction; the new run id."""
+        if self._conn is None:
+            raise StoreError(f"the store {self.path} is closed; open it again with open_store()")
+        with self._lock:
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                marks = ", ".join("?" * len(run_columns))
+                cur = conn.execute(f"INSERT INTO runs({', '.join(run_columns)}) VALUES ({marks})", run_row)
+                new_id = int(cur.lastrowid)
+                for table, (columns, rows) in tables.items():
+                    at = columns.index("run_id")
+                    conn.executemany(
+                        f"INSERT INTO {table}({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+                        [(*r[:at], new_id, *r[at + 1:]) for r in rows],
+                    )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            return new_id
+
     def __enter__(self) -> RunStore:
         return self
 
@@ -684,9 +776,8 @@ class RunStore:
             "(SELECT MAX(step) FROM scalars s WHERE s.run_id = r.id) AS last_step "
             "FROM runs r ORDER BY r.id"
         )
-        host = socket.gethostname()
         df["status"] = [
-            "interrupted" if st == "running" and h == host and not _pid_alive(pid) else st
+            run_status(st, h, None if pid is None or pid != pid else int(pid))
             for st, h, pid in zip(df["status"], df["host"], df["pid"], strict=True)
         ]
         df["config"] = [json.loads(c) for c in df["config"]]

@@ -18,10 +18,8 @@ cluster is started on this machine for the lab and stopped after it.
 
 from __future__ import annotations
 
-import math
 import os
 import socket
-import sqlite3
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -29,10 +27,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from gradwatch.errors import ConfigError, GradwatchError
+from gradwatch.errors import ConfigError, GradwatchError, StoreError, check_int
 from gradwatch.integrations import require
 from gradwatch.lab.runner import RunEvent, RunResult, RunTask, run_task
-from gradwatch.store import LAYER_METRICS, SCHEMA_VERSION, RunStore
+from gradwatch.store import RunStore
 
 __all__ = ["RayBackend", "RayConnectionError", "cli_backend", "dump_run", "load_run", "BACKENDS"]
 
@@ -46,56 +44,37 @@ class RayConnectionError(GradwatchError, ConnectionError):
 # --- a run's rows, from a worker's store to the driver's --------------------------------------
 
 
-def dump_run(path: str | os.PathLike, run_id: int) -> dict[str, Any]:
-    """Every row of run ``run_id`` in the store at ``path``, as plain picklable data.
+def dump_run(path: str | os.PathLike, run_id: int) -> bytes:
+    """Run ``run_id`` of the store at ``path`` as the bytes of a store file holding only it.
 
-    Non-finite layer metrics come back as NaN (the store's per-metric flag bits), so
-    :func:`load_run` stores exactly what was recorded.
+    Bytes pickle to the driver whatever the cluster; :func:`load_run` copies the run out of
+    them with :meth:`RunStore.copy_run`, so every table the store has, tracked weights
+    included, arrives as recorded.
     """
-    with RunStore(path, create=False) as store:
-        info = store.run(run_id)
-        findings = store.findings(run_id)
-    conn = sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True)
-    try:
-        version = int(conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
-        if version != SCHEMA_VERSION:
-            raise ConfigError(f"store schema {version}; this gradwatch copies schema {SCHEMA_VERSION}")
-        layers = conn.execute("SELECT layer_id, name, type, kind, activation FROM layers WHERE run_id = ? "
-                              "ORDER BY layer_id", (run_id,)).fetchall()
-        raw = conn.execute(f"SELECT step, layer_id, {', '.join(LAYER_METRICS)}, flags FROM layer_metrics "
-                           "WHERE run_id = ? ORDER BY step, layer_id", (run_id,)).fetchall()
-        scalars = conn.execute("SELECT step, name, value FROM scalars WHERE run_id = ? ORDER BY step, name",
-                               (run_id,)).fetchall()
-    finally:
-        conn.close()
-    metrics = []
-    for step, layer_id, *values, flags in raw:
-        values = [math.nan if flags >> i & 1 else v for i, v in enumerate(values)]
-        metrics.append((step, layer_id, values))
-
-    def step_or_none(value: Any) -> int | None:
-        return None if value is None or (isinstance(value, float) and math.isnan(value)) else int(value)
-
-    return {
-        "name": info["name"], "config": info["config"], "status": info["status"],
-        "error": info["error"] if isinstance(info["error"], str) else None,
-        "layers": layers, "metrics": metrics, "scalars": scalars,
-        "findings": [{**f, "first_step": step_or_none(f["first_step"]),
-                      "last_step": step_or_none(f["last_step"])}
-                     for f in findings.drop(columns="created_at").to_dict("records")],
-    }
+    with tempfile.TemporaryDirectory(prefix="gradwatch-run-") as tmp:
+        file = Path(tmp) / "run.db"
+        with RunStore(path, create=False) as store:
+            store.copy_run(run_id, file)
+        return file.read_bytes()
 
 
-def load_run(store: RunStore, rows: dict[str, Any]) -> int:
-    """Write a run :func:`dump_run` returned into ``store``; returns its new id."""
-    run_id = store.create_run(rows["name"], rows["config"])
-    store.add_layers(run_id, rows["layers"])
-    store.add_layer_metrics(run_id, rows["metrics"])
-    store.add_scalars(run_id, rows["scalars"])
-    status = rows["status"] if rows["status"] in ("finished", "failed") else "failed"
-    store.finish_run(run_id, status, rows["error"])
-    if rows["findings"]:
-        store.add_findings(run_id, rows["findings"])
+def load_run(store: RunStore, data: bytes) -> int:
+    """Copy the run :func:`dump_run` packed into ``store``; returns its new id.
+
+    A run still marked ``running`` there (its worker died before finishing it) is stored as
+    ``failed``, so that a resume runs it again.
+    """
+    with tempfile.TemporaryDirectory(prefix="gradwatch-run-") as tmp:
+        file = Path(tmp) / "run.db"
+        file.write_bytes(data)
+        with RunStore(file, create=False) as packed:
+            ids = packed.runs()["id"].tolist()
+            if len(ids) != 1:
+                raise StoreError(f"a packed run holds one run; got {len(ids)}")
+            unfinished = packed.run(int(ids[0]))["status"] in ("running", "interrupted")
+            run_id = packed.copy_run(int(ids[0]), store)
+    if unfinished:
+        store.finish_run(run_id, "failed", "the worker stopped before the run finished")
     return run_id
 
 
@@ -223,8 +202,7 @@ class RayBackend:
     def __post_init__(self) -> None:
         if self.address not in (None, "auto"):
             _host_port(self.address)
-        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
-            raise ConfigError(f"workers={self.workers!r}; expected an integer >= 0 (0: the cluster decides)")
+        check_int("workers", self.workers, 0, "0: the cluster decides")
 
     def connect(self) -> bool:
         """Initialise Ray unless it is; True when this call did (and so should shut it down)."""

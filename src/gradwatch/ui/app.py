@@ -5,7 +5,7 @@ Routes (all GET; anything else is 405, unknown paths and run ids are 404 as JSON
     /                              the page (static/index.html)
     /static/<file>                 the page's scripts, styles and the bundled uPlot
     /favicon.ico                   204 (no icon; browsers ask for one)
-    /api/runs                      {"store", "exists", "runs": [...]}      (queries.runs)
+    /api/runs                      {"store", "exists", "runs": [...]}      (StoreReader.runs)
     /api/runs/<id>                 {"run", "layers", "scalars", "findings"}
     /api/runs/<id>/series          downsampled history: {"run", "width", "partial", "metrics", "scalars"}
                                    ?points=1000 (buckets at most), ?metrics=delta_rms,...,
@@ -46,8 +46,9 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gradwatch.store import LAYER_METRICS, _resolve_path
+from gradwatch.store_reader import StoreReader, not_ready
 from gradwatch.ui import queries
-from gradwatch.ui.live import Follow, Follower, snapshot
+from gradwatch.ui.live import Follow, Follower
 
 __all__ = ["create_app", "STATIC_DIR"]
 
@@ -113,21 +114,17 @@ class _Store:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+    def read(self, fn: Callable[[StoreReader], Any]) -> Any:
         """``fn(conn)`` in one read transaction; a store not there (yet) is a 404, one
         that cannot be read a 503 that says why (never a traceback).
         """
         if not self.path.exists():
             raise HTTPException(404, f"no run store at {self.path} yet")
         try:
-            conn = queries.connect(self.path)
-            try:
-                with snapshot(conn):
-                    return fn(conn)
-            finally:
-                conn.close()
+            with StoreReader(self.path) as reader, reader.snapshot():
+                return fn(reader)
         except sqlite3.DatabaseError as err:
-            if queries.not_ready(err):
+            if not_ready(err):
                 raise HTTPException(404, f"the store at {self.path} holds no runs yet") from None
             raise HTTPException(503, f"cannot read the store at {self.path}: {err}") from None
 
@@ -143,11 +140,11 @@ class _BucketCache:
         self._size = size
         self._lock = threading.Lock()
 
-    def buckets(self, conn: sqlite3.Connection, run_id: int, metrics: tuple[str, ...], width: int) -> dict:
+    def buckets(self, reader: StoreReader, run_id: int, metrics: tuple[str, ...], width: int) -> dict:
         key = (run_id, width, metrics)
         with self._lock:
             after, table = self._items.get(key, (-1, None))
-        new, upto = queries.bucket_table(conn, run_id, metrics, width=width, after=after)
+        new, upto = reader.bucket_table(run_id, metrics, width=width, after=after)
         if table is not None:
             new = queries.merge_tables(table, new, width)
         with self._lock:
@@ -200,7 +197,7 @@ def create_app(
         if not db.path.exists():
             return _json({"store": str(db.path), "exists": False, "runs": []})
         try:
-            runs = await run_in_threadpool(db.read, queries.runs)
+            runs = await run_in_threadpool(db.read, StoreReader.runs)
         except HTTPException as err:
             if err.status_code != 404:
                 raise
@@ -210,15 +207,15 @@ def create_app(
     async def run_detail(request: Request) -> Response:
         run_id = _run_id(request)
 
-        def read(conn: sqlite3.Connection) -> dict[str, Any]:
-            info = queries.run(conn, run_id)
+        def read(reader: StoreReader) -> dict[str, Any]:
+            info = reader.run(run_id)
             if info is None:
                 raise _missing(run_id)
             return {
                 "run": info,
-                "layers": queries.layers(conn, run_id),
-                "scalars": queries.scalar_names(conn, run_id),
-                "findings": queries.findings(conn, run_id),
+                "layers": reader.layers(run_id),
+                "scalars": reader.scalar_names(run_id),
+                "findings": reader.findings(run_id),
             }
 
         return _json(await run_in_threadpool(db.read, read))
@@ -245,26 +242,25 @@ def create_app(
         except ValueError as err:
             raise HTTPException(400, str(err)) from None
 
-        def read(conn: sqlite3.Connection) -> dict[str, Any]:
-            if queries.run(conn, run_id) is None:
+        def read(reader: StoreReader) -> dict[str, Any]:
+            if reader.run(run_id) is None:
                 raise _missing(run_id)
-            names = queries.scalar_names(conn, run_id)
-            width = fixed or queries.bucket_width(max(queries.last_steps(conn, run_id, names)), points)
-            n_layers = len(queries.layers(conn, run_id))
-            long = queries.estimated_rows(conn, run_id, n_layers) > _QUICK_ROWS
+            names = reader.scalar_names(run_id)
+            width = fixed or queries.bucket_width(max(reader.last_steps(run_id, names)), points)
+            long = reader.estimated_rows(run_id, reader.layer_count(run_id)) > _QUICK_ROWS
             partial = quick and long
             if partial:
-                metrics_data = queries.layer_samples(conn, run_id, chosen, width=width)
+                metrics_data = queries.layer_samples(reader, run_id, chosen, width=width)
             elif long:
-                metrics_data = cache.buckets(conn, run_id, chosen, width)
+                metrics_data = cache.buckets(reader, run_id, chosen, width)
             else:
-                metrics_data = queries.layer_buckets(conn, run_id, chosen, width=width)
+                metrics_data = queries.layer_buckets(reader, run_id, chosen, width=width)
             return {
                 "run": run_id,
                 "width": width,
                 "partial": partial,
                 "metrics": metrics_data,
-                "scalars": queries.scalar_buckets(conn, run_id, names, width=width),
+                "scalars": queries.scalar_buckets(reader, run_id, names, width=width),
             }
 
         return _json(await run_in_threadpool(db.read, read))

@@ -12,18 +12,17 @@ replays a little is harmless.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sqlite3
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gradwatch.store_reader import StoreReader, not_ready
 from gradwatch.ui import queries
 
-__all__ = ["Follow", "Follower", "snapshot", "MAX_FOLLOWED"]
+__all__ = ["Follow", "Follower", "MAX_FOLLOWED"]
 
 MAX_FOLLOWED = 16
 _log = logging.getLogger(__name__)
@@ -33,16 +32,6 @@ _log = logging.getLogger(__name__)
 _CLOCK_SLACK_S = 5.0
 # A run whose process died writes nothing, so liveness is re-checked on a timer too.
 _LIVENESS_EVERY_S = 2.0
-
-
-@contextlib.contextmanager
-def snapshot(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """One read transaction: every query inside sees the same committed state."""
-    conn.execute("BEGIN")
-    try:
-        yield conn
-    finally:
-        conn.execute("COMMIT")
 
 
 @dataclass
@@ -94,23 +83,23 @@ class Follower:
         self._path = path
         self._follows = follows
         self._since = since if since is not None else time.time()
-        self._conn: sqlite3.Connection | None = None
+        self._reader: StoreReader | None = None
         self._version: int | None = None
         self._sent_runs: dict[int, tuple] = {}
         self._liveness_at = 0.0
 
     def close(self) -> None:
         """Close the read-only connection. Idempotent."""
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
 
-    def _connection(self) -> sqlite3.Connection | None:
-        if self._conn is None:
+    def _connection(self) -> StoreReader | None:
+        if self._reader is None:
             if not self._path.exists():
                 return None
-            self._conn = queries.connect(self._path)
-        return self._conn
+            self._reader = StoreReader(self._path)
+        return self._reader
 
     def poll(self) -> list[tuple[str, dict[str, Any]]]:
         """The events since the last call: ``[(name, data)]``, names ``runs``,
@@ -121,15 +110,15 @@ class Follower:
         except sqlite3.OperationalError as err:
             # not ready (tables not created yet) or briefly unreadable: look again next time
             self.close()
-            if not queries.not_ready(err):
+            if not not_ready(err):
                 _log.warning("gradwatch ui: reading %s failed (%s); retrying", self._path, err)
             return []
 
     def _poll(self) -> list[tuple[str, dict[str, Any]]]:
-        conn = self._connection()
-        if conn is None:
+        reader = self._connection()
+        if reader is None:
             return []
-        version = conn.execute("PRAGMA data_version").fetchone()[0]
+        version = reader.data_version()
         now = time.monotonic()
         changed = version != self._version
         due = now - self._liveness_at >= _LIVENESS_EVERY_S
@@ -137,20 +126,20 @@ class Follower:
             return []
         self._version = version
         events: list[tuple[str, dict[str, Any]]] = []
-        with snapshot(conn):
+        with reader.snapshot():
             if due:
                 self._liveness_at = now
-            runs = self._changed_runs(conn)
+            runs = self._changed_runs(reader)
             if runs:
                 events.append(("runs", {"runs": runs}))
             if changed:
                 for follow in self._follows:
-                    events += self._run_events(conn, follow)
+                    events += self._run_events(reader, follow)
         return events
 
-    def _changed_runs(self, conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    def _changed_runs(self, reader: StoreReader) -> list[dict[str, Any]]:
         out = []
-        for row in queries.runs(conn, since=self._since - _CLOCK_SLACK_S, running=True):
+        for row in reader.runs(since=self._since - _CLOCK_SLACK_S, running=True):
             signature = (row["name"], row["status"], row["last_step"], row["finished_at"])
             if self._sent_runs.get(row["id"]) != signature:
                 self._sent_runs[row["id"]] = signature
@@ -158,28 +147,28 @@ class Follower:
             self._since = max(self._since, row["updated_at"])
         return out
 
-    def _run_events(self, conn: sqlite3.Connection, follow: Follow) -> list[tuple[str, dict[str, Any]]]:
+    def _run_events(self, reader: StoreReader, follow: Follow) -> list[tuple[str, dict[str, Any]]]:
         rid = follow.run_id
         events: list[tuple[str, dict[str, Any]]] = []
-        n_layers = conn.execute("SELECT COUNT(*) FROM layers WHERE run_id = ?", (rid,)).fetchone()[0]
+        n_layers = reader.layer_count(rid)
         if n_layers != follow._n_layers:
             follow._n_layers = n_layers
-            events.append(("layers", {"run": rid, "layers": queries.layers(conn, rid)}))
+            events.append(("layers", {"run": rid, "layers": reader.layers(rid)}))
         metrics = queries.layer_buckets(
-            conn, rid, queries.PAGE_METRICS, width=follow.width, after=follow.after_metrics
+            reader, rid, queries.PAGE_METRICS, width=follow.width, after=follow.after_metrics
         )
         if metrics["layers"]:
             follow.after_metrics = metrics["upto"]
             events.append(("metrics", {"run": rid, **metrics}))
-        names = queries.scalar_names(conn, rid)
-        scalars = queries.scalar_buckets(conn, rid, names, width=follow.width, after=follow.after_scalars)
+        names = reader.scalar_names(rid)
+        scalars = queries.scalar_buckets(reader, rid, names, width=follow.width, after=follow.after_scalars)
         if scalars["scalars"]:
             follow.after_scalars = scalars["upto"]
             events.append(("scalars", {"run": rid, **scalars}))
-        token = queries.findings_token(conn, rid)
+        token = reader.findings_token(rid)
         if token != follow._findings:
             first = follow._findings is None
             follow._findings = token
             if not (first and token[0] == 0):
-                events.append(("findings", {"run": rid, "findings": queries.findings(conn, rid)}))
+                events.append(("findings", {"run": rid, "findings": reader.findings(rid)}))
         return events

@@ -1,8 +1,8 @@
-"""What the live page reads: read-only SQLite queries over the run store, downsampled.
+"""What the live page reads: the store's read-only queries, downsampled and encoded.
 
-Everything here is a plain function of an open read-only connection (:func:`connect`),
-so it is testable without a server. Long series are cut into buckets of
-``width`` steps, a power of two, aligned to multiples of the width (bucket
+The SQL is :class:`gradwatch.store_reader.StoreReader`'s; here each function takes a
+reader and shapes what it returns for the page, so it is testable without a server.
+Long series are cut into buckets of ``width`` steps, a power of two, aligned to multiples of the width (bucket
 ``b`` holds steps ``b * width`` to ``b * width + width - 1``). Each bucket keeps,
 per layer and metric, the minimum, the maximum and the last value (the value at
 the bucket's last logged step). These three are exact under merging: a bucket of
@@ -19,69 +19,29 @@ third of the bytes of JSON numbers and no parsing, and no precision lost for the
 from __future__ import annotations
 
 import base64
-import json
 import math
-import socket
-import sqlite3
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from gradwatch.store import LAYER_METRICS, _pid_alive
+from gradwatch.store_reader import StoreReader, check_metrics
 
 __all__ = [
     "DEFAULT_POINTS",
     "PAGE_METRICS",
-    "connect",
-    "not_ready",
     "bucket_width",
-    "runs",
-    "run",
-    "layers",
-    "scalar_names",
-    "last_steps",
     "layer_buckets",
-    "bucket_table",
     "merge_tables",
     "encode_table",
     "layer_samples",
-    "estimated_rows",
     "scalar_buckets",
-    "findings",
-    "findings_token",
 ]
 
 DEFAULT_POINTS = 1000
 # What the page draws: the back-propagated error and weight gradients of parameterised
 # layers, the saturated and dead fractions of activations.
 PAGE_METRICS = ("delta_rms", "grad_norm", "saturated_frac", "dead_frac")
-# A scalar is "the run's progress" when one of these names has it (a seek each, where a
-# MAX over every scalar name would scan the run's rows).
-_PROGRESS_SCALARS = ("loss", "wall_time")
-
-
-def connect(path: str | Path) -> sqlite3.Connection:
-    """Open the store read-only (``mode=ro``): no statement through it can write.
-
-    Args:
-        path: the store's database file (it must exist).
-
-    Raises:
-        sqlite3.OperationalError: the file is missing or not readable.
-    """
-    uri = Path(path).expanduser().resolve().as_uri() + "?mode=ro"
-    conn = sqlite3.connect(uri, uri=True, timeout=10.0, check_same_thread=False, isolation_level=None)
-    conn.execute("PRAGMA query_only = 1")
-    return conn
-
-
-def not_ready(err: sqlite3.DatabaseError) -> bool:
-    """True for the error of a store whose file exists but whose tables do not, yet (a
-    writer has just created it) or ever (another program's SQLite file).
-    """
-    return "no such table" in str(err)
 
 
 def bucket_width(last_step: int | None, points: int = DEFAULT_POINTS) -> int:
@@ -99,159 +59,6 @@ def _f64(values: Iterable[float | None] | np.ndarray) -> str:
         values = [math.nan if v is None else v for v in values]
     arr = np.ascontiguousarray(values, dtype="<f8")
     return base64.b64encode(arr.tobytes()).decode("ascii")
-
-
-def _status(status: str, pid: int | None, host: str | None, here: str) -> str:
-    """``interrupted`` for a run still marked running whose process is gone from this host
-    (the rule of :meth:`RunStore.runs`).
-    """
-    if status == "running" and host == here and not _pid_alive(pid):
-        return "interrupted"
-    return status
-
-
-_RUN_COLUMNS = "r.id, r.name, r.status, r.created_at, r.updated_at, r.finished_at, r.pid, r.host"
-_LAST_STEP = (
-    "MAX(COALESCE((SELECT MAX(step) FROM layer_metrics m WHERE m.run_id = r.id), -1), "
-    + ", ".join(
-        f"COALESCE((SELECT MAX(step) FROM scalars s WHERE s.run_id = r.id AND s.name = '{n}'), -1)"
-        for n in _PROGRESS_SCALARS
-    )
-    + ") AS last_step"
-)
-
-
-def _run_row(row: tuple, here: str) -> dict[str, Any]:
-    rid, name, status, created, updated, finished, pid, host, last = row[:9]
-    status = _status(status, pid, host, here)
-    return {
-        "id": rid,
-        "name": name,
-        "status": status,
-        "live": status == "running",
-        "created_at": created,
-        "updated_at": updated,
-        "finished_at": finished,
-        "last_step": None if last is None or last < 0 else last,
-    }
-
-
-def runs(
-    conn: sqlite3.Connection, *, since: float | None = None, running: bool = False
-) -> list[dict[str, Any]]:
-    """Runs, oldest first: id, name, status, live, created_at, updated_at, finished_at,
-    last_step (one seek per run).
-
-    Args:
-        conn: a connection from :func:`connect`.
-        since: only runs updated after this time (``time.time()``), plus with
-            ``running`` those still marked running. Default: every run.
-        running: with ``since``, add the runs still marked running.
-    """
-    sql = f"SELECT {_RUN_COLUMNS}, {_LAST_STEP} FROM runs r"
-    params: list[Any] = []
-    if since is not None:
-        sql += " WHERE r.updated_at > ?" + (" OR r.status = 'running'" if running else "")
-        params.append(since)
-    here = socket.gethostname()
-    return [_run_row(row, here) for row in conn.execute(sql + " ORDER BY r.id", params)]
-
-
-def run(conn: sqlite3.Connection, run_id: int) -> dict[str, Any] | None:
-    """One run with its config and error, or None when the store has no such id."""
-    row = conn.execute(
-        f"SELECT {_RUN_COLUMNS}, {_LAST_STEP}, r.config, r.error FROM runs r WHERE r.id = ?", (run_id,)
-    ).fetchone()
-    if row is None:
-        return None
-    out = _run_row(row, socket.gethostname())
-    try:
-        out["config"] = json.loads(row[9])
-    except (TypeError, ValueError):
-        out["config"] = {}
-    out["error"] = row[10]
-    return out
-
-
-def layers(conn: sqlite3.Connection, run_id: int) -> list[dict[str, Any]]:
-    """The run's layers in forward order: id, name, type, kind, activation."""
-    rows = conn.execute(
-        "SELECT layer_id, name, type, kind, activation FROM layers WHERE run_id = ? ORDER BY layer_id",
-        (run_id,),
-    )
-    keys = ("id", "name", "type", "kind", "activation")
-    return [dict(zip(keys, r, strict=True)) for r in rows]
-
-
-def scalar_names(conn: sqlite3.Connection, run_id: int) -> list[str]:
-    """The run's scalar names, by hopping the primary key (one seek per name, no scan)."""
-    names: list[str] = []
-    while True:
-        row = conn.execute(
-            "SELECT MIN(name) FROM scalars WHERE run_id = ? AND name > ?",
-            (run_id, names[-1] if names else ""),
-        ).fetchone()
-        if row is None or row[0] is None:
-            return names
-        names.append(row[0])
-
-
-def last_steps(conn: sqlite3.Connection, run_id: int, names: Iterable[str]) -> tuple[int, int]:
-    """The last step with layer metrics and the last step of the named scalars (-1: none)."""
-    m = conn.execute("SELECT MAX(step) FROM layer_metrics WHERE run_id = ?", (run_id,)).fetchone()[0]
-    s = -1
-    for name in names:
-        v = conn.execute(
-            "SELECT MAX(step) FROM scalars WHERE run_id = ? AND name = ?", (run_id, name)
-        ).fetchone()[0]
-        if v is not None:
-            s = max(s, v)
-    return (-1 if m is None else m), s
-
-
-def _check_metrics(metrics: Sequence[str]) -> list[str]:
-    unknown = [m for m in metrics if m not in LAYER_METRICS]
-    if unknown:
-        raise ValueError(f"unknown metric(s) {', '.join(unknown)}; known: {', '.join(LAYER_METRICS)}")
-    return list(dict.fromkeys(metrics))
-
-
-def bucket_table(
-    conn: sqlite3.Connection, run_id: int, metrics: Sequence[str], *, width: int, after: int = -1
-) -> tuple[np.ndarray, int]:
-    """Per-layer buckets of the steps after ``after`` as one float64 table, and the last
-    step read (``after`` if none).
-
-    Columns: ``layer_id, step`` (the bucket's last logged step), then per metric the
-    minimum, then per metric the maximum, then per metric the last value (NaN where
-    missing); rows by layer, then step. Merge two with :func:`merge_tables`, encode one
-    with :func:`encode_table`.
-    """
-    chosen = _check_metrics(metrics)
-    k = len(chosen)
-    upto = conn.execute(
-        "SELECT MAX(step) FROM layer_metrics WHERE run_id = ? AND step > ?", (run_id, after)
-    ).fetchone()[0]
-    if upto is None:
-        return np.empty((0, 2 + 3 * k)), after
-    if width == 1:  # a bucket per step: the rows themselves
-        sql = f"SELECT layer_id, step, {', '.join(chosen)} FROM layer_metrics WHERE run_id = ? AND step > ?"
-        params: tuple = (run_id, after)
-    else:
-        aggregates = ", ".join([f"MIN({m})" for m in chosen] + [f"MAX({m})" for m in chosen])
-        sql = (
-            f"WITH agg AS (SELECT layer_id, MAX(step) AS last, {aggregates} FROM layer_metrics "
-            "WHERE run_id = ? AND step > ? GROUP BY layer_id, step / ?) "
-            f"SELECT agg.*, {', '.join(f'm.{m}' for m in chosen)} FROM agg JOIN layer_metrics m "
-            "ON m.run_id = ? AND m.step = agg.last AND m.layer_id = agg.layer_id"
-        )
-        params = (run_id, after, width, run_id)
-    rows = conn.execute(sql, params).fetchall()
-    table = np.array(rows, dtype="<f8").reshape(len(rows), -1)  # None -> NaN
-    if width == 1:
-        values = table[:, 2:]
-        table = np.hstack([table[:, :2], values, values, values])
-    return table[np.lexsort((table[:, 1], table[:, 0]))], upto
 
 
 def merge_tables(a: np.ndarray, b: np.ndarray, width: int) -> np.ndarray:
@@ -297,7 +104,7 @@ def encode_table(table: np.ndarray, metrics: Sequence[str], *, envelope: bool) -
 
 
 def layer_buckets(
-    conn: sqlite3.Connection,
+    reader: StoreReader,
     run_id: int,
     metrics: Sequence[str] = PAGE_METRICS,
     *,
@@ -313,25 +120,13 @@ def layer_buckets(
     metric is left out of a layer that never has it. ``upto`` is the last step
     included (``after`` when there is nothing new).
     """
-    chosen = _check_metrics(metrics)
-    table, upto = bucket_table(conn, run_id, chosen, width=width, after=after)
+    chosen = check_metrics(metrics)
+    table, upto = reader.bucket_table(run_id, chosen, width=width, after=after)
     return {"width": width, "upto": upto, "layers": encode_table(table, chosen, envelope=width > 1)}
 
 
-def estimated_rows(conn: sqlite3.Connection, run_id: int, n_layers: int) -> int:
-    """Layer rows of a run, from its last two logged steps (two seeks; a COUNT would scan)."""
-    last = conn.execute("SELECT MAX(step) FROM layer_metrics WHERE run_id = ?", (run_id,)).fetchone()[0]
-    if last is None:
-        return 0
-    before = conn.execute(
-        "SELECT MAX(step) FROM layer_metrics WHERE run_id = ? AND step < ?", (run_id, last)
-    ).fetchone()[0]
-    every = max(1, last - before) if before is not None else 1
-    return (last // every + 1) * n_layers
-
-
 def layer_samples(
-    conn: sqlite3.Connection, run_id: int, metrics: Sequence[str] = PAGE_METRICS, *, width: int
+    reader: StoreReader, run_id: int, metrics: Sequence[str] = PAGE_METRICS, *, width: int
 ) -> dict[str, Any]:
     """The rows at each bucket's last logged step only: what :func:`layer_buckets` gives
     less the minimum and maximum, at one seek per bucket instead of a read of every row.
@@ -339,28 +134,12 @@ def layer_samples(
     A first picture of a long run; the full buckets merge into it exactly later (their
     minimum is at most, their maximum at least the sampled value, and "last" is the same).
     """
-    chosen = _check_metrics(metrics)
-    upto = conn.execute("SELECT MAX(step) FROM layer_metrics WHERE run_id = ?", (run_id,)).fetchone()[0]
+    chosen = check_metrics(metrics)
+    upto, steps = reader.bucket_ends(run_id, width)
     out: dict[str, Any] = {"width": width, "upto": -1 if upto is None else upto, "layers": []}
     if upto is None:
         return out
-    steps = []
-    for b in range(upto // width, -1, -1):
-        found = conn.execute(
-            "SELECT MAX(step) FROM layer_metrics WHERE run_id = ? AND step >= ? AND step < ?",
-            (run_id, b * width, (b + 1) * width),
-        ).fetchone()[0]
-        if found is not None:
-            steps.append(found)
-    rows: list[tuple] = []
-    for i in range(0, len(steps), 500):
-        part = steps[i : i + 500]
-        rows += conn.execute(
-            f"SELECT layer_id, step, {', '.join(chosen)} FROM layer_metrics WHERE run_id = ? "
-            f"AND step IN ({', '.join('?' * len(part))})",
-            (run_id, *part),
-        ).fetchall()
-    table = np.array(rows, dtype="<f8").reshape(len(rows), -1)
+    table = reader.layer_rows_at(run_id, chosen, steps)
     table = table[np.lexsort((table[:, 1], table[:, 0]))]
     values = table[:, 2:]
     out["layers"] = encode_table(np.hstack([table[:, :2], values, values, values]), chosen, envelope=False)
@@ -368,7 +147,7 @@ def layer_samples(
 
 
 def scalar_buckets(
-    conn: sqlite3.Connection,
+    reader: StoreReader,
     run_id: int,
     names: Sequence[str],
     *,
@@ -381,14 +160,8 @@ def scalar_buckets(
     in the encoding of :func:`layer_buckets`.
     """
     out: dict[str, Any] = {"width": width, "upto": after, "scalars": []}
-    sql = (
-        "WITH agg AS (SELECT step / ? AS b, MAX(step) AS last, MIN(value), MAX(value) FROM scalars "
-        "WHERE run_id = ? AND name = ? AND step > ? GROUP BY b) "
-        "SELECT agg.*, s.value FROM agg JOIN scalars s ON s.run_id = ? AND s.name = ? AND s.step = agg.last "
-        "ORDER BY agg.b"
-    )
     for name in names:
-        rows = conn.execute(sql, (width, run_id, name, after, run_id, name)).fetchall()
+        rows = reader.scalar_bucket_rows(run_id, name, width=width, after=after)
         if not rows:
             continue
         _, steps, lo, hi, last = zip(*rows, strict=True)
@@ -397,36 +170,4 @@ def scalar_buckets(
             entry["min"], entry["max"] = _f64(lo), _f64(hi)
         out["scalars"].append(entry)
         out["upto"] = max(out["upto"], steps[-1])
-    return out
-
-
-def findings_token(conn: sqlite3.Connection, run_id: int) -> tuple[int, int]:
-    """(count, largest id) of a run's findings: changes whenever they are rewritten."""
-    n, top = conn.execute("SELECT COUNT(*), MAX(id) FROM findings WHERE run_id = ?", (run_id,)).fetchone()
-    return int(n), int(top or 0)
-
-
-def findings(conn: sqlite3.Connection, run_id: int) -> list[dict[str, Any]]:
-    """A run's findings in stored order, JSON columns decoded."""
-    keys = (
-        "kind",
-        "severity",
-        "first_step",
-        "last_step",
-        "layers",
-        "evidence",
-        "explanation",
-        "prescriptions",
-    )
-    out = []
-    for row in conn.execute(
-        f"SELECT {', '.join(keys)} FROM findings WHERE run_id = ? ORDER BY id", (run_id,)
-    ):
-        item = dict(zip(keys, row, strict=True))
-        for key, empty in (("layers", []), ("evidence", {}), ("prescriptions", [])):
-            try:
-                item[key] = json.loads(item[key]) if item[key] else empty
-            except ValueError:
-                item[key] = empty
-        out.append(item)
     return out
