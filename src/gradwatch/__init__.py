@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 
 from gradwatch.activations import Activation, activation_names, get_activation
 from gradwatch.alerts import Alert
+from gradwatch.config import WatchConfig
 from gradwatch.diagnose import Finding, Prescription, Thresholds, diagnose
 from gradwatch.errors import GradientWarning, GradwatchError, TrainingStopped
 from gradwatch.prescribe import prescribe
@@ -20,6 +21,7 @@ __all__ = [
     "__version__",
     "watch",
     "Watcher",
+    "WatchConfig",
     "RunStore",
     "open_store",
     "Activation",
