@@ -1,5 +1,6 @@
 import copy
 import math
+import os
 import warnings
 
 import numpy as np
@@ -10,6 +11,7 @@ from torch import nn
 
 import gradwatch
 from gradwatch.errors import ConfigError, StoreError, WatchError
+from gradwatch.store import RunStore
 
 
 def hook_count(model: nn.Module) -> int:
@@ -644,29 +646,55 @@ def test_weight_samples_follow_the_same_elements(store):
         gradwatch.watch(mlp(), store=store, weight_samples=-1)
 
 
-def test_the_sampled_weight_path_reads_what_the_one_buffer_path_reads(store, monkeypatch):
-    """Sharded or multi-device weights take per-weight samples (no shared buffer): the same
+_SHARDED_AND_NOT = """
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+
+import gradwatch
+
+tmp = Path(sys.argv[1])
+dist.init_process_group("gloo", init_method=f"file://{tmp / 'pg'}", rank=0, world_size=1)
+for sharded in (False, True):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(100, 100), nn.Tanh(), nn.Linear(100, 10))  # 10,000 > 4096
+    if sharded:  # FSDP2: every parameter a DTensor, so the watcher samples weight by weight
+        for module in model:
+            if isinstance(module, nn.Linear):
+                fully_shard(module)
+        fully_shard(model)
+    assert (type(next(model.parameters())).__name__ == "DTensor") == sharded
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch.manual_seed(1)
+    x, y = torch.randn(32, 100), torch.randint(0, 10, (32,))
+    with gradwatch.watch(model, opt, every=1, store=tmp / f"{int(sharded)}.db", warn=False):
+        for _ in range(3):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+dist.destroy_process_group()
+"""
+
+
+def test_the_sampled_weight_path_reads_what_the_one_buffer_path_reads(tmp_path):
+    """Sharded (DTensor) weights take per-weight samples, not one shared buffer: the same
     block elements, so update ratios and tracked weights equal the one-buffer path's."""
-    from gradwatch.watch import Watcher
+    import subprocess
+    import sys
 
+    script = tmp_path / "sampled.py"
+    script.write_text(_SHARDED_AND_NOT)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
     results = []
-    for sampled in (False, True):
-        if sampled:
-            def weight_stats(self, record):
-                record.weight_norms = self._norms(self._chosen_params)
-                self._sampled_weight_stats(record, self._chosen_params)
-
-            monkeypatch.setattr(Watcher, "_weight_stats", weight_stats)
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(100, 100), nn.Tanh(), nn.Linear(100, 10))  # 10,000 > 4096
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        x, y = torch.randn(32, 100), torch.randint(0, 10, (32,))
-        with gradwatch.watch(model, opt, every=1, store=store, warn=False) as w:
-            for _ in range(3):
-                opt.zero_grad()
-                nn.functional.cross_entropy(model(x), y).backward()
-                opt.step()
-        results.append((store.metrics(w.run_id), store.weight_samples(w.run_id)))
+    for name in ("0.db", "1.db"):
+        with RunStore(tmp_path / name, create=False) as st:
+            results.append((st.metrics(1), st.weight_samples(1)))
     (m1, s1), (m2, s2) = results
     assert m1["update_ratio"].notna().sum() == 6
     np.testing.assert_allclose(m2["update_ratio"], m1["update_ratio"], rtol=1e-6)

@@ -654,6 +654,12 @@ class RunStore:
         names = [r[0] for r in self._rows(query)]
         return [n for n in names if "run_id" in self._columns(n)]
 
+    def row_counts(self, run: int | str) -> dict[str, int]:
+        """How many rows ``run`` has in each table of :meth:`run_tables`."""
+        run_id = self.resolve(run)
+        return {t: int(self._rows(f"SELECT COUNT(*) FROM {t} WHERE run_id = ?", (run_id,))[0][0])
+                for t in self.run_tables()}
+
     def _columns(self, table: str) -> list[str]:
         return [r[1] for r in self._rows(f"PRAGMA table_info({table})")]
 
