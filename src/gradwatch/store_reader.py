@@ -69,21 +69,6 @@ def _run_row(row: tuple) -> dict[str, Any]:
     }
 
 
-def _run_row(row: tuple) -> dict[str, Any]:
-    rid, name, status, created, updated, finished, pid, host, last = row[:9]
-    status = run_status(status, host, pid)
-    return {
-        "id": rid,
-        "name": name,
-        "status": status,
-        "live": status == "running",
-        "created_at": created,
-        "updated_at": updated,
-        "finished_at": finished,
-        "last_step": None if last is None or last < 0 else last,
-    }
-
-
 class StoreReader:
     """A read-only connection to a run store, and the queries readers make through it.
 

@@ -88,11 +88,9 @@ def run_task(
     on_epoch: Callable[[int, float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> RunResult:
-    """Train one configuration at one seed under :func:`gradwatch.watch`; never raises.
+    """:func:`gradwatch.lab.tasks.train_task` of a task, or :func:`run_group` of a seed group.
 
-    Scalars follow docs/lab-contract.md: ``loss`` every step, and at each epoch's last
-    step ``epoch``, ``train_loss``, ``test_loss`` and ``test_acc``. After the run,
-    :func:`gradwatch.diagnose` (when installed) stores its findings.
+    Never raises; the run's scalars and findings are those of ``train_task``.
 
     Args:
         task: what to run; a :class:`~gradwatch.lab.vectorized.SeedGroup` (several seeds
