@@ -342,3 +342,30 @@ def test_tables_equal_pivot_table_on_a_ragged_grid():
     objects = df.astype({"delta_rms": object})
     pd.testing.assert_frame_equal(_pivot(objects, "param", "delta_rms", dropna=True).astype("float64"),
                                   deltas)
+
+
+def test_nonfinite_alert_names_where_the_value_entered():
+    from gradwatch.thresholds import nonfinite_alert, step_alerts
+
+    layers = ["a", "b", "c"]
+    layer_of = {0: "a", 1: "a", 2: "b", 3: "c"}  # parameter -> its layer (weight and bias of "a")
+    no_broken = list
+    # at the first bad step only "b" and "c" went bad: backward reached "c" first
+    alert = nonfinite_alert({2: 5, 3: 5, 0: 6}, layer_of, layers, no_broken, run_id=7)
+    assert (alert.kind, alert.step, alert.layer) == ("nonfinite", 5, "c")
+    assert "2 of 3 layers" in alert.message and "gradwatch show 7" in alert.message
+    # every layer bad: a layer with non-finite weights is the cause, else the loss or forward
+    every = {0: 1, 2: 1, 3: 1}
+    assert nonfinite_alert(every, layer_of, layers, lambda: ["b"]).layer == "b"
+    assert "the loss or the forward pass" in nonfinite_alert(every, layer_of, layers, no_broken).message
+    # a parameter outside the watched layers: said so, no layer named (this used to raise)
+    outside = nonfinite_alert({9: 4}, layer_of, layers, no_broken)
+    assert outside.layer is None and "outside the watched layers" in outside.message
+    # step_alerts: the actions decide which kinds are judged
+    actions = {"nonfinite": "warn", "vanishing": "warn", "exploding": "ignore"}
+    deltas = {"a": 1e-9, "b": 1e-3, "c": 1.0}
+    types = dict.fromkeys(layers, "Linear")
+    kinds = [a.kind for a in step_alerts(actions, deltas, types, {3: 2}, layer_of, layers, no_broken, step=2)]
+    assert kinds == ["nonfinite", "vanishing"]
+    quiet = {**actions, "vanishing": "ignore", "nonfinite": "ignore"}
+    assert step_alerts(quiet, deltas, types, {3: 2}, layer_of, layers, no_broken, step=2) == []

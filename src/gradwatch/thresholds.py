@@ -9,15 +9,15 @@ message. This module depends on no part of the watcher or the diagnosis.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from gradwatch.alerts import Alert
+from gradwatch.alerts import Action, Alert
 from gradwatch.errors import ConfigError, check_int
 from gradwatch.numbers import format_number, is_norm_type
 
-__all__ = ["Thresholds", "live_alert"]
+__all__ = ["Thresholds", "live_alert", "nonfinite_alert", "step_alerts"]
 
 
 @dataclass(frozen=True)
@@ -161,3 +161,78 @@ def live_alert(
 def _ratio(value: float) -> str:
     """Two significant digits between 0.01 and 1000, else scientific (``"3.1e-05"``)."""
     return format_number(value, 2, plain=(1e-2, 1e3), missing="nan")
+
+
+def nonfinite_alert(
+    first_bad: Mapping[int, int],
+    layer_of: Mapping[int, str],
+    layers: Sequence[str],
+    broken_weights: Callable[[], list[str]],
+    *,
+    run_id: int | None = None,
+) -> Alert:
+    """Where a non-finite gradient first appeared: the step, and the layer it entered at.
+
+    Backward runs from the output, so when some layers' gradients went bad at the first bad
+    step, the deepest of them (last in forward order) is where the value entered; when all
+    did, a layer whose weights are non-finite is the cause, else the loss or the forward pass.
+
+    Args:
+        first_bad: parameter index -> the first step its gradient was non-finite.
+        layer_of: parameter index -> the name of the watched layer it belongs to.
+        layers: the parameterised layers' names in forward order.
+        broken_weights: the names of the layers whose weights are non-finite (asked only when
+            every layer's gradient went bad).
+        run_id: named in the message's pointer to ``gradwatch show``.
+    """
+    step = min(first_bad.values())
+    touched = {layer_of[i] for i, s in first_bad.items() if s == step and i in layer_of}
+    bad_layers = [name for name in layers if name in touched]
+    layer = None
+    if bad_layers and len(bad_layers) < len(layers):
+        layer, where = bad_layers[-1], "the first layer the backward pass reached with it"
+    elif bad_layers:
+        broken = broken_weights()
+        if broken:
+            layer, where = broken[0], "its weights are non-finite"
+        else:
+            where = "every layer's gradient is: the loss or the forward pass went non-finite"
+    else:
+        where = "in parameters outside the watched layers"
+    at = f" in layer '{layer}' ({where})" if layer else f" ({where})"
+    text = (
+        f"gradwatch: non-finite gradients at step {step}{at}; {len(bad_layers)} of {len(layers)} layers "
+        f"affected; see `gradwatch show {run_id}`"
+    )
+    return Alert("nonfinite", step, text, layer, run_id)
+
+
+def step_alerts(
+    actions: Mapping[str, Action],
+    layer_deltas: Mapping[str, float],
+    layer_types: Mapping[str, str],
+    first_bad: Mapping[int, int],
+    layer_of: Mapping[int, str],
+    layers: Sequence[str],
+    broken_weights: Callable[[], list[str]],
+    thresholds: Thresholds | None = None,
+    *,
+    step: int,
+    run_id: int | None = None,
+) -> list[Alert]:
+    """The alerts of one written step whose action is not ``"ignore"``.
+
+    A non-finite gradient (``first_bad`` not empty) gives :func:`nonfinite_alert`; the
+    first/last delta ratio gives :func:`live_alert`'s ``"vanishing"`` or ``"exploding"``
+    (its non-finite verdict is the former's, judged per parameter and step).
+    """
+    found: list[Alert] = []
+    if first_bad and actions["nonfinite"] != "ignore":
+        found.append(nonfinite_alert(first_bad, layer_of, layers, broken_weights, run_id=run_id))
+    judged = [k for k in ("vanishing", "exploding") if actions[k] != "ignore"]
+    if judged:
+        alert = live_alert(layer_deltas, None, 0, thresholds, step=step, run_id=run_id,
+                           layer_types=layer_types)
+        if alert is not None and alert.kind in judged:
+            found.append(alert)
+    return found

@@ -82,7 +82,7 @@ from gradwatch.recorder import (
 )
 from gradwatch.stats import weight_block
 from gradwatch.store import RunStore
-from gradwatch.thresholds import live_alert
+from gradwatch.thresholds import step_alerts
 
 __all__ = ["watch", "Watcher", "DEFAULT_EVERY"]
 
@@ -190,6 +190,7 @@ class Watcher:
             for p in layer.module.parameters(recurse=False)
             if id(p) in index
         }
+        self._layer_of = {i: layer.name for i, layer in self._param_layer.items()}  # for the alerts
         self._chosen = sorted({i for layer in self._layers for i in layer.params})
         self._chosen_pos = {i: k for k, i in enumerate(self._chosen)}
         self._chosen_params = [self._params[i] for i in self._chosen]
@@ -830,55 +831,35 @@ class Watcher:
 
     def _check_alerts(self, record: StepRecord, deltas: dict[int, float], first_bad: dict[int, int]) -> None:
         """Judge a written step (``deltas``: delta_rms by layer id); warn, call back or stop."""
-        found: list[Alert] = []
-        if first_bad and self._alerts["nonfinite"] != "ignore":
-            found.append(self._nonfinite_alert(first_bad))
-        judged = [k for k in ("vanishing", "exploding") if self._alerts[k] != "ignore"]
-        if judged:
-            params = sorted(
-                (lay for lay in self._param_layers if lay.layer_id in deltas), key=lambda lay: lay.layer_id
-            )
-            by_name = {lay.name: deltas[lay.layer_id] for lay in params}
-            types = {lay.name: type(lay.module).__name__ for lay in params}
-            alert = live_alert(by_name, None, 0, self._thresholds, step=record.step, run_id=self.run_id,
-                               layer_types=types)
-            if alert is not None and alert.kind in judged:  # non-finite values: judged above, by step
-                found.append(alert)
-        for alert in found:
-            self._act(alert)
-
-    def _nonfinite_alert(self, first_bad: dict[int, int]) -> Alert:
-        """Where a non-finite gradient first appeared: the step, and the layer backward reached first."""
-        step = min(first_bad.values())
-        bad = {i for i, s in first_bad.items() if s == step}
         ordered = sorted(
             (lay for lay in self._layers if lay.kind == "param"),
             key=lambda lay: (lay.layer_id is None, lay.layer_id or 0),
         )
-        touched = {id(self._param_layer[i]) for i in bad if i in self._param_layer}
-        bad_layers = [lay for lay in ordered if id(lay) in touched]
-        layer = None
-        if bad_layers and len(bad_layers) < len(ordered):
-            # backward runs from the output: the deepest bad layer is where it entered
-            layer, where = bad_layers[-1], "the first layer the backward pass reached with it"
-        elif bad_layers:
-            with torch.no_grad():
-                weights = [self._params[lay.params[0]].detach() for lay in ordered if lay.params]
-                finite = torch.isfinite(self._norms(weights)).tolist() if weights else []
-            with_weight = [lay for lay in ordered if lay.params]
-            broken = [lay for lay, ok in zip(with_weight, finite, strict=True) if not ok]
-            if broken:
-                layer, where = broken[0], "its weights are non-finite"
-            else:
-                where = "every layer's gradient is: the loss or the forward pass went non-finite"
-        name = layer.name if layer is not None else None
-        n_bad = len(bad_layers)
-        at = f" in layer '{name}' ({where})" if name else f" ({where})"
-        text = (
-            f"gradwatch: non-finite gradients at step {step}{at}; {n_bad} of {len(ordered)} layers "
-            f"affected; see `gradwatch show {self.run_id}`"
+        judged = [lay for lay in ordered if lay.layer_id in deltas]
+        alerts = step_alerts(
+            self._alerts,
+            {lay.name: deltas[lay.layer_id] for lay in judged},  # type: ignore[index]
+            {lay.name: type(lay.module).__name__ for lay in judged},
+            first_bad,
+            self._layer_of,
+            [lay.name for lay in ordered],
+            lambda: self._broken_weights(ordered),
+            self._thresholds,
+            step=record.step,
+            run_id=self.run_id,
         )
-        return Alert("nonfinite", step, text, name, self.run_id)
+        for alert in alerts:
+            self._act(alert)
+
+    def _broken_weights(self, ordered: list[_Layer]) -> list[str]:
+        """The layers whose (first chosen) weight holds a non-finite value, in forward order."""
+        with_weight = [lay for lay in ordered if lay.params]
+        if not with_weight:
+            return []
+        with torch.no_grad():
+            weights = [self._params[lay.params[0]].detach() for lay in with_weight]
+            finite = torch.isfinite(self._norms(weights))
+        return [lay.name for lay, ok in zip(with_weight, finite.tolist(), strict=True) if not ok]
 
     def _act(self, alert: Alert) -> None:
         action = self._alerts[alert.kind]
