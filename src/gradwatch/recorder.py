@@ -230,14 +230,18 @@ class LayerRows:
 
     def _per_layer(self, runs: np.ndarray | int, lids: np.ndarray | Sequence[int],
                    weights: np.ndarray) -> np.ndarray:
-        keys = np.asarray(runs) * self.layers + np.asarray(lids)
-        keys = np.broadcast_to(keys, np.shape(weights)).reshape(-1)
-        summed = np.bincount(keys, weights=np.reshape(weights, -1), minlength=self.runs * self.layers)
+        flat = np.reshape(weights, -1)
+        if self.runs == 1:  # one run (the watcher): the layer ids are the keys
+            keys = np.reshape(lids, -1)
+        else:
+            keys = np.broadcast_to(np.asarray(runs) * self.layers + np.asarray(lids), np.shape(weights))
+            keys = keys.reshape(-1)
+        summed = np.bincount(keys, weights=flat, minlength=self.runs * self.layers)
         return summed.reshape(self.runs, self.layers)
 
     def _put(self, metric: str, values: np.ndarray, where: np.ndarray) -> None:
         col = METRIC_INDEX[metric]
-        self.table[..., col] = np.where(where, values, self.table[..., col])
+        self.table[..., col][where] = values[where]
         self.present[..., col] |= where
 
     def add_deltas(self, runs: np.ndarray | int, lids: Sequence[int] | np.ndarray,
