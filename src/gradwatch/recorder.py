@@ -74,6 +74,8 @@ WINDOW_CHUNK = 64
 QUANTILE_METRICS = ("input_q15", "input_q50", "input_q85")  # stats.INPUT_QUANTILES
 ACTIVATION_METRICS = ACTIVATION_STATS + QUANTILE_METRICS  # the columns of activation_stat_rows
 METRIC_INDEX = {name: i for i, name in enumerate(LAYER_METRICS)}
+_ACTIVATION_COLUMNS = np.array([METRIC_INDEX[m] for m in ACTIVATION_METRICS])
+_SATURATED_K = ACTIVATION_METRICS.index("saturated_frac")
 
 
 # --- the window --------------------------------------------------------------------------------
@@ -228,15 +230,17 @@ class LayerRows:
         self.table = np.full((runs, layers, len(LAYER_METRICS)), np.nan)
         self.present = np.zeros(self.table.shape, dtype=bool)
 
-    def _per_layer(self, runs: np.ndarray | int, lids: np.ndarray | Sequence[int],
-                   weights: np.ndarray) -> np.ndarray:
-        flat = np.reshape(weights, -1)
+    def _keys(self, runs: np.ndarray | int, lids: np.ndarray | Sequence[int],
+              shape: tuple[int, ...]) -> np.ndarray:
+        """The flat ``run * layers + layer id`` of each entry of an array of ``shape``."""
+        lids = np.asarray(lids, dtype=np.intp)
         if self.runs == 1:  # one run (the watcher): the layer ids are the keys
-            keys = np.reshape(lids, -1)
-        else:
-            keys = np.broadcast_to(np.asarray(runs) * self.layers + np.asarray(lids), np.shape(weights))
-            keys = keys.reshape(-1)
-        summed = np.bincount(keys, weights=flat, minlength=self.runs * self.layers)
+            return lids.reshape(-1)
+        return np.broadcast_to(np.asarray(runs) * self.layers + lids, shape).reshape(-1)
+
+    def _sum(self, keys: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """Per-layer sums ``(runs, layers)`` of ``weights``, added in the order given from 0."""
+        summed = np.bincount(keys, weights=np.reshape(weights, -1), minlength=self.runs * self.layers)
         return summed.reshape(self.runs, self.layers)
 
     def _put(self, metric: str, values: np.ndarray, where: np.ndarray) -> None:
@@ -252,18 +256,22 @@ class LayerRows:
         squares of the error back-propagated to it; several calls of a layer (gradient
         accumulation, a reused module) pool into one RMS.
         """
-        count = self._per_layer(runs, lids, np.asarray(counts, dtype=np.float64))
-        squares = self._per_layer(runs, lids, square_sums)
+        square_sums = np.asarray(square_sums, dtype=np.float64)
+        keys = self._keys(runs, lids, square_sums.shape)
+        count = self._sum(keys, np.broadcast_to(np.asarray(counts, dtype=np.float64), square_sums.shape))
+        squares = self._sum(keys, square_sums)
         with np.errstate(invalid="ignore", divide="ignore"):
             self._put("delta_rms", np.sqrt(squares / count), count > 0)
 
     def add_moments(self, runs: np.ndarray | int, lids: Sequence[int] | np.ndarray, counts: np.ndarray,
                     sums: np.ndarray, square_sums: np.ndarray) -> None:
         """Output mean and population std, ``sqrt(max(E[x^2] - E[x]^2, 0))``, pooled over the calls."""
-        count = self._per_layer(runs, lids, np.asarray(counts, dtype=np.float64))
+        sums = np.asarray(sums, dtype=np.float64)
+        keys = self._keys(runs, lids, sums.shape)
+        count = self._sum(keys, np.broadcast_to(np.asarray(counts, dtype=np.float64), sums.shape))
         with np.errstate(invalid="ignore", divide="ignore"):
-            mean = self._per_layer(runs, lids, sums) / count
-            std = np.sqrt(np.maximum(self._per_layer(runs, lids, square_sums) / count - mean * mean, 0.0))
+            mean = self._sum(keys, sums) / count
+            std = np.sqrt(np.maximum(self._sum(keys, square_sums) / count - mean * mean, 0.0))
         self._put("output_mean", mean, count > 0)
         self._put("output_std", std, count > 0)
 
@@ -274,13 +282,25 @@ class LayerRows:
         ``saturated_frac`` NaN means "not applicable" (an activation without flat tails),
         not a non-finite value: those cells stay empty.
         """
-        lids = np.asarray(lids)
-        calls = self._per_layer(runs, lids, np.ones(len(lids)))
-        where = calls > 0
-        for k, metric in enumerate(ACTIVATION_METRICS):
+        keys = self._keys(runs, lids, (len(stats),))
+        size = self.runs * self.layers
+        if len(np.unique(keys)) == len(keys):  # one call per layer: its values are the means
+            means = np.full((size, len(ACTIVATION_METRICS)), np.nan)
+            means[keys] = stats
+            where = np.zeros(size, dtype=bool)
+            where[keys] = True
+        else:
+            calls = np.bincount(keys, minlength=size).astype(np.float64)
+            where = calls > 0
             with np.errstate(invalid="ignore", divide="ignore"):
-                mean = self._per_layer(runs, lids, stats[:, k]) / calls
-            self._put(metric, mean, where & ~np.isnan(mean) if metric == "saturated_frac" else where)
+                means = np.stack([np.bincount(keys, weights=stats[:, k], minlength=size)
+                                  for k in range(len(ACTIVATION_METRICS))], -1) / calls[:, None]
+        table = self.table.reshape(size, -1)
+        present = self.present.reshape(size, -1)
+        table[:, _ACTIVATION_COLUMNS] = np.where(where[:, None], means, table[:, _ACTIVATION_COLUMNS])
+        has = np.broadcast_to(where[:, None], means.shape).copy()
+        has[:, _SATURATED_K] &= ~np.isnan(means[:, _SATURATED_K])  # NaN: not applicable
+        present[:, _ACTIVATION_COLUMNS] |= has
 
     def add_params(self, layout: ParamLayout, grad: np.ndarray, has_grad: np.ndarray,
                    weight: np.ndarray | None = None, moved: np.ndarray | None = None,
@@ -293,22 +313,19 @@ class LayerRows:
         over the same block of elements (inf where ``||w_before|| = 0``). A layer none of
         whose parameters had a gradient gets none of the three.
         """
-        lids = layout.lids
-        runs = np.arange(self.runs)[:, None]
-        layer_has = self._per_layer(runs, lids, has_grad[:, layout.params].astype(np.float64)) > 0
-        self._put("grad_norm", np.sqrt(self._per_layer(runs, lids, grad[:, layout.params] ** 2)), layer_has)
+        keys = self._keys(np.arange(self.runs)[:, None], layout.lids, (self.runs, len(layout.lids)))
+        layer_has = self._sum(keys, has_grad[:, layout.params].astype(np.float64)) > 0
+        self._put("grad_norm", np.sqrt(self._sum(keys, grad[:, layout.params] ** 2)), layer_has)
         if weight is None:
             return
-        weight_norm = np.sqrt(self._per_layer(runs, lids, weight[:, layout.slots] ** 2))
-        self._put("weight_norm", weight_norm, layer_has)
+        self._put("weight_norm", np.sqrt(self._sum(keys, weight[:, layout.slots] ** 2)), layer_has)
         if moved is None or before is None:
             return
-        moved_norm = np.sqrt(self._per_layer(runs, lids, moved[:, layout.slots] ** 2))
-        before_norm = np.sqrt(self._per_layer(runs, lids, before[:, layout.slots] ** 2))
+        moved_norm = np.sqrt(self._sum(keys, moved[:, layout.slots] ** 2))
+        before_norm = np.sqrt(self._sum(keys, before[:, layout.slots] ** 2))
         with np.errstate(invalid="ignore", divide="ignore"):
             ratio = moved_norm / np.where(before_norm != 0, before_norm, 1.0)
-        ratio = np.where(before_norm != 0, ratio, np.inf)
-        self._put("update_ratio", ratio, layer_has)
+        self._put("update_ratio", np.where(before_norm != 0, ratio, np.inf), layer_has)
 
     def add_window(self, layout: ParamLayout, w_max: np.ndarray, w_min: np.ndarray) -> None:
         """``grad_norm_max`` / ``_min``: per layer, from its parameters' extremes over the window.
@@ -316,13 +333,13 @@ class LayerRows:
         ``(runs, parameters)`` arrays from :class:`Window`; a parameter that had no gradient
         in the window (max still -inf) adds nothing.
         """
-        runs = np.arange(self.runs)[:, None]
+        keys = self._keys(np.arange(self.runs)[:, None], layout.lids, (self.runs, len(layout.lids)))
         in_window = w_max != -math.inf  # NaN counts: the parameter had a (bad) gradient
-        layer_in = self._per_layer(runs, layout.lids, in_window[:, layout.params].astype(np.float64)) > 0
+        layer_in = self._sum(keys, in_window[:, layout.params].astype(np.float64)) > 0
         hi = np.where(in_window, w_max, 0.0)[:, layout.params]
         lo = np.where(np.isposinf(w_min), 0.0, w_min)[:, layout.params]
-        self._put("grad_norm_max", np.sqrt(self._per_layer(runs, layout.lids, hi**2)), layer_in)
-        self._put("grad_norm_min", np.sqrt(self._per_layer(runs, layout.lids, lo**2)), layer_in)
+        self._put("grad_norm_max", np.sqrt(self._sum(keys, hi**2)), layer_in)
+        self._put("grad_norm_min", np.sqrt(self._sum(keys, lo**2)), layer_in)
 
     def rows(self, run: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(layer ids, values, present)`` of the layers with a value (:meth:`RunStore.add_layer_array`)."""

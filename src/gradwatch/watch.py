@@ -172,6 +172,7 @@ class Watcher:
         self._deferral = Deferral(settings.activation_sample)
         self._norms = NormPlans()
         self._alerts = resolve_alerts(settings.alerts, settings.warn)
+        self._ratio_ignored = all(self._alerts[k] == "ignore" for k in ("vanishing", "exploding"))
         self._thresholds = settings.thresholds
         self._window_setting = settings.window  # None: see _window_on
         self._window: Window | None = None
@@ -831,6 +832,8 @@ class Watcher:
 
     def _check_alerts(self, record: StepRecord, deltas: dict[int, float], first_bad: dict[int, int]) -> None:
         """Judge a written step (``deltas``: delta_rms by layer id); warn, call back or stop."""
+        if not (first_bad and self._alerts["nonfinite"] != "ignore") and self._ratio_ignored:
+            return  # nothing to judge (the lab's runs, warn=False)
         ordered = sorted(
             (lay for lay in self._layers if lay.kind == "param"),
             key=lambda lay: (lay.layer_id is None, lay.layer_id or 0),
