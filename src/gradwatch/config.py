@@ -117,10 +117,6 @@ class WatchConfig:
         """A copy with ``changes`` (validated like a new config)."""
         return dataclasses.replace(self, **changes)
 
-    def every_value(self) -> int | str:
-        """``every`` as stored in a run's config: the int, or the callable's name."""
-        return self.every if isinstance(self.every, int) else getattr(self.every, "__name__", "callable")
-
 
 def should_log(every: int | Callable[[int], bool]) -> Callable[[int], bool]:
     """``step -> whether it is logged`` for ``every`` (a positive int or a callable)."""

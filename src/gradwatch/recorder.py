@@ -155,8 +155,8 @@ class ActivationCalls:
     """The kept inputs of one activation kind's calls in a step (:func:`~gradwatch.stats.activation_inputs`).
 
     ``inputs[i]`` and ``units[i]`` are one call's (1-D) or rows of calls' (2-D) sampled
-    inputs and per-unit peak inputs; ``derivative[i]`` says that ``units[i]`` holds
-    derivatives already.
+    inputs and per-unit peak inputs, the 1-D entries first; ``derivative[i]`` says that
+    ``units[i]`` holds derivatives already.
     """
 
     activation: Activation
@@ -170,12 +170,10 @@ def activation_stat_rows(calls: ActivationCalls) -> Tensor:
 
     Columns: :data:`gradwatch.stats.ACTIVATION_STATS` (saturated, green and dead
     fractions, mean ``|phi'|``) and the 15/50/85% quantiles of the inputs (Ioffe &
-    Szegedy 2015, Figure 1). Rows: the 1-D calls first, then the rows of 2-D entries.
+    Szegedy 2015, Figure 1). Rows: the calls in the order given, the rows of a 2-D entry in
+    its place; the 1-D entries must come first (the order one stacked matrix holds them in).
     """
-    order = sorted(range(len(calls.inputs)), key=lambda i: calls.inputs[i].ndim)
-    inputs = [calls.inputs[i] for i in order]
-    units = [calls.units[i] for i in order]
-    derivative = [calls.derivative[i] for i in order]
+    inputs, units, derivative = list(calls.inputs), list(calls.units), list(calls.derivative)
     with torch.no_grad():
         if (
             len({x.shape[-1] for x in inputs}) == 1

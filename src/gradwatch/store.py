@@ -689,10 +689,11 @@ class RunStore:
             run_columns = [c for c in self._columns("runs") if c != "id"]
             (run_row,) = self._rows(f"SELECT {', '.join(run_columns)} FROM runs WHERE id = ?", (run_id,))
             tables = {}
+            target_tables = set(target.run_tables())
             for table in self.run_tables():
-                columns = [c for c in self._columns(table) if c != "id"]  # findings' own ids are new
-                have = set(target._columns(table)) if table in target.run_tables() else set()
-                columns = [c for c in columns if c in have]
+                have = set(target._columns(table)) if table in target_tables else set()
+                # a table's own integer ids (findings) are the destination's to number
+                columns = [c for c in self._columns(table) if c != "id" and c in have]
                 rows = self._rows(f"SELECT {', '.join(columns)} FROM {table} WHERE run_id = ?", (run_id,))
                 tables[table] = (columns, rows)
             return _retry(lambda: target._insert_run(run_columns, run_row, tables), f"copying run {run_id}")

@@ -119,8 +119,6 @@ def _first_grad_tensor(output: Any) -> Tensor | None:
     return None
 
 
-
-
 def _matches(name: str, module: nn.Module, selectors: list[str | type]) -> bool:
     return any(
         fnmatch.fnmatchcase(name, s) if isinstance(s, str) else isinstance(module, s) for s in selectors
@@ -159,13 +157,10 @@ class Watcher:
     ) -> None:
         self.model = model
         self.settings = settings
-        self._include, self._exclude = settings.include, settings.exclude
         self.optimizer = optimizer
         self.store = store
         self._owns_store = owns_store
         self._should_log = should_log(settings.every)
-        self._activation_stats = settings.activation_stats
-        self._weight_samples = settings.weight_samples
         self._tracked_index: dict[int, list[int]] = {}
         self._tracked_columns: tuple[list[int], list[int]] | None = None  # _tracked_index as two columns
         self._samples: dict[tuple, Tensor | None] = {}  # element indices of the weight samples
@@ -173,8 +168,6 @@ class Watcher:
         self._norms = NormPlans()
         self._alerts = resolve_alerts(settings.alerts, settings.warn)
         self._ratio_ignored = all(self._alerts[k] == "ignore" for k in ("vanishing", "exploding"))
-        self._thresholds = settings.thresholds
-        self._window_setting = settings.window  # None: see _window_on
         self._window: Window | None = None
         self._present_index: dict[tuple[int, ...], Tensor] = {}
         # A compiled model (torch.compile) runs its layers inside a graph: hooks there would
@@ -234,16 +227,16 @@ class Watcher:
         layers = []
         for name, module in model.named_modules():
             name = name or type(module).__name__.lower()
-            if self._include is not None and not _matches(name, module, self._include):
+            if self.settings.include is not None and not _matches(name, module, self.settings.include):
                 continue
-            if self._exclude is not None and _matches(name, module, self._exclude):
+            if self.settings.exclude is not None and _matches(name, module, self.settings.exclude):
                 continue
             trainable = [p for p in module.parameters(recurse=False) if p.requires_grad]
             if trainable:
                 weight = getattr(module, "weight", None)
                 chosen = [weight] if isinstance(weight, nn.Parameter) and weight.requires_grad else trainable
                 layers.append(_Layer(name, module, "param", params=[index[id(p)] for p in chosen]))
-            elif self._activation_stats and not self.compiled:
+            elif self.settings.activation_stats and not self.compiled:
                 activation = activation_for_module(module)
                 if activation is not None:
                     layers.append(_Layer(name, module, "activation", activation=activation))
@@ -291,8 +284,8 @@ class Watcher:
 
     def _window_on(self) -> bool:
         """Whether unlogged steps feed the window (``watch(window=...)``; None: where it is cheap)."""
-        if self._window_setting is not None:
-            return self._window_setting
+        if self.settings.window is not None:  # None: where it is cheap or needed
+            return self.settings.window
         if self._alerts["nonfinite"] not in ("warn", "ignore"):
             return True  # "stop" or a callback: every step must be checked
         return self._params[0].device.type != "cpu"
@@ -460,7 +453,7 @@ class Watcher:
             blocks = self._blocks = WeightBlocks(weights, self._spans(weights), self._tracked_spec(weights))
         blocks.copy_before(weights)
         record.snapshot = blocks
-        if self._weight_samples:
+        if self.settings.weight_samples:
             record.tracked = blocks.take_tracked()
 
     def _spans(self, weights: list[Tensor]) -> list[tuple[int, int]]:
@@ -473,7 +466,7 @@ class Watcher:
         The elements' flat indices in the weight (``start + position``) go to the store,
         once, in :attr:`_tracked_index`.
         """
-        if not self._weight_samples:
+        if not self.settings.weight_samples:
             return []
         spec = []
         for layer in self._layers:
@@ -481,7 +474,7 @@ class Watcher:
                 continue
             k = self._chosen_pos[layer.params[0]]
             start, where = tracked_elements(layer.name, weights[k].numel(), layer.params[0],
-                                            self._weight_samples)
+                                            self.settings.weight_samples)
             lid = self._layer_id(layer)
             spec.append((lid, k, where))
             self._tracked_index[lid] = [start + q for q in where]
@@ -500,7 +493,7 @@ class Watcher:
                 self._samples[key] = torch.arange(start, start + length, device=w.device)
             indices.append(self._samples[key])
         record.snapshot = (indices, take(weights, indices))
-        if self._weight_samples:
+        if self.settings.weight_samples:
             key = ("tracked", tuple(w.device for w in weights))
             if key not in self._samples:  # (k, flat element indices) per layer, built once per placement
                 spans = self._spans(weights)
@@ -735,8 +728,8 @@ class Watcher:
             "totals": gather.add(window.totals()),
         }
 
-    def _param_layout(self, has_grad: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(parameter, layer id, chosen slot)`` arrays, one entry per watched layer's parameter.
+    def _param_layout(self, has_grad: np.ndarray) -> ParamLayout:
+        """The ``(parameter, layer id, chosen slot)`` entries, one per watched layer's parameter.
 
         A layer gets its id here if no hook gave it one (a compiled model) and one of
         its parameters has a gradient. Cached until a new layer id is given.
@@ -752,8 +745,8 @@ class Watcher:
                 for i in layer.params
             ]
             table = np.array(entries, dtype=np.int64).reshape(-1, 3)
-            self._layout = (self._next_layer_id, table[:, 0], table[:, 1], table[:, 2])
-        return self._layout[1:]
+            self._layout = (self._next_layer_id, ParamLayout(table[:, 0], table[:, 1], table[:, 2]))
+        return self._layout[1]
 
     def _write_record(
         self, record: StepRecord, plan: dict[str, Any], host: Host,
@@ -785,8 +778,7 @@ class Watcher:
         window = plan["window"]
         w_max = host[window["max"]] if window is not None else None
         in_window = w_max != -math.inf if w_max is not None else np.zeros(n_params, dtype=bool)
-        params, lids, slots = self._param_layout(has_grad | in_window)
-        layout = ParamLayout(params, lids, slots)
+        layout = self._param_layout(has_grad | in_window)
         rows = LayerRows(1, self._next_layer_id)
         if plan["deltas"] is not None:
             rows.add_deltas(0, [lid for lid, *_ in record.deltas], [c for _, c, *_ in record.deltas],
@@ -847,7 +839,7 @@ class Watcher:
             self._layer_of,
             [lay.name for lay in ordered],
             lambda: self._broken_weights(ordered),
-            self._thresholds,
+            self.settings.thresholds,
             step=record.step,
             run_id=self.run_id,
         )

@@ -559,7 +559,7 @@ class _Recorder:
 
     def __init__(self, net: StackedMLP, store: RunStore, tasks: Sequence[RunTask],
                  settings: WatchConfig, optimizer: torch.optim.Optimizer) -> None:
-        self.net, self.store, self.tasks, self.optimizer = net, store, tasks, optimizer
+        self.net, self.store, self.optimizer = net, store, optimizer
         self.settings = settings
         assert isinstance(settings.every, int)  # a lab configuration's cadence
         self.every = settings.every
@@ -616,7 +616,7 @@ class _Recorder:
                 "weight_norms": self.net.row_norms(self.net.flat.detach())[:, self.chosen],
                 "tracked": [(lid, self._tracked(lid, params)) for lid, layer in enumerate(self.net.layers)
                             if layer.params],
-                "before": [self._update_sample(i, params) for i in self.chosen],
+                "blocks": [self._update_sample(i, params) for i in self.chosen],  # before the step
                 "lr": self.optimizer.param_groups[0].get("lr"),
             }
 
@@ -647,7 +647,7 @@ class _Recorder:
             with torch.no_grad():
                 params = self.net.parameters()
                 after = [self._update_sample(i, params) for i in self.chosen]
-                before = pending["before"]
+                before = pending["blocks"]
                 # ||w_after - w_before|| and ||w_before||, both on the same block of elements
                 pending["moved"] = torch.stack([torch.linalg.vector_norm(a - b, dim=1)
                                                 for a, b in zip(after, before, strict=True)], 1)
